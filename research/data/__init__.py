@@ -1,0 +1,1 @@
+"""Review data: records, loaders, splits, encoder inputs, tokenizers and batches."""
