@@ -1,0 +1,361 @@
+"""GPT-2 in Flax linen, written to be read top to bottom (after nanoGPT).
+
+One module, :class:`GPT2LMHead`, covers every GPT-2 size (distilgpt2, gpt2 ... gpt2-xl):
+learned positions, pre-LayerNorm blocks, ``gelu_new``, an LM head tied to the token
+embeddings. Three hooks serve the conditioning methods (``research/models/conditioning.py``):
+
+* ``prefix_embeds`` ``[batch, prefix, d_model]`` are prepended to the token embeddings
+  (soft prompts: ``prefix``, ``id_prompt``); they take the first positions.
+* ``embed_offset`` ``[batch, d_model]`` is added to every token embedding (``additive``).
+* ``cross_attention_every=n`` adds a cross-attention sublayer to every n-th block, attending
+  to ``encoder_states`` ``[batch, enc_len, encoder_dim]`` (``cross_attention``). Its output
+  projection starts at zero, so a pretrained decoder is unchanged until it learns.
+
+Decoding uses an explicit KV cache (a pytree from :func:`init_cache`), never hidden mutable
+state: ``apply(..., cache=cache, cache_index=i)`` writes the new keys/values at positions
+``[i, i + seq)`` and returns ``(logits, cache)``.
+
+Parameter names follow Hugging Face's (``h_3/attn/c_attn/kernel`` <-> ``h.3.attn.c_attn.weight``)
+so the checkpoint table in ``research/models/hf.py`` stays one line per tensor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from research.models.attention import attend, causal_mask, padding_mask
+
+ACTIVATIONS = {
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class GPT2Config:
+    """The fields of Hugging Face's ``GPT2Config`` that change the computation."""
+
+    vocab_size: int = 50257
+    n_positions: int = 1024
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    n_inner: int | None = None
+    activation_function: str = "gelu_new"
+    resid_pdrop: float = 0.1
+    embd_pdrop: float = 0.1
+    attn_pdrop: float = 0.1
+    layer_norm_epsilon: float = 1e-5
+    scale_attn_weights: bool = True
+    scale_attn_by_inverse_layer_idx: bool = False
+    bos_token_id: int = 50256
+    eos_token_id: int = 50256
+
+    model_type = "gpt2"
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "config") -> GPT2Config:
+        if raw.get("add_cross_attention"):
+            raise ValueError(
+                f"{source}: add_cross_attention=true checkpoints are not supported; "
+                "cross-attention is added by the 'cross_attention' conditioning method"
+            )
+        act = raw.get("activation_function", cls.activation_function)
+        if act not in ACTIVATIONS:
+            raise ValueError(
+                f"{source}: activation_function={act!r} is not supported; "
+                f"valid: {sorted(ACTIVATIONS)}"
+            )
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in raw.items() if k in names})
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        return {
+            "model_type": "gpt2",
+            "architectures": ["GPT2LMHeadModel"],
+            **dataclasses.asdict(self),
+        }
+
+    @property
+    def inner_dim(self) -> int:
+        return self.n_inner if self.n_inner is not None else 4 * self.n_embd
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+def init_cache(
+    config: GPT2Config, batch: int, max_len: int, dtype: Any = jnp.float32
+) -> dict[str, Any]:
+    """Empty self-attention cache: per layer keys/values ``[batch, max_len, heads, head_dim]``.
+
+    ``cross`` is filled by the prefill call when the decoder has cross-attention (the
+    encoder's keys/values are computed once per sequence, not per decoding step).
+    """
+    shape = (batch, max_len, config.n_head, config.head_dim)
+    return {
+        "self": [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.n_layer)],
+        "cross": None,
+    }
+
+
+def _dense(features: int, dtype: Any, name: str, zero: bool = False, std: float = 0.02):
+    init = nn.initializers.zeros if zero else nn.initializers.normal(std)
+    return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32, kernel_init=init, name=name)
+
+
+def _layer_norm(config: GPT2Config, name: str) -> nn.LayerNorm:
+    # Statistics in float32 even under bfloat16 compute: cheap and avoids drift.
+    return nn.LayerNorm(config.layer_norm_epsilon, dtype=jnp.float32, name=name)
+
+
+def _heads(x: jax.Array, n_head: int) -> jax.Array:
+    """``[batch, seq, d_model]`` -> ``[batch, seq, heads, head_dim]``."""
+    return x.reshape(*x.shape[:2], n_head, x.shape[-1] // n_head)
+
+
+def _merge_heads(x: jax.Array) -> jax.Array:
+    return x.reshape(*x.shape[:2], -1)
+
+
+class SelfAttention(nn.Module):
+    config: GPT2Config
+    layer_idx: int
+    dtype: Any = jnp.float32
+    attention_impl: str | None = None
+
+    @nn.compact
+    def __call__(self, x, key_valid, kv_cache, cache_index, deterministic):
+        """x ``[batch, seq, d_model]``; key_valid ``[batch, kv_len]``; returns (y, new kv)."""
+        cfg = self.config
+        q, k, v = jnp.split(_dense(3 * cfg.n_embd, self.dtype, "c_attn")(x), 3, axis=-1)
+        q, k, v = (_heads(t, cfg.n_head) for t in (q, k, v))
+        if kv_cache is None:
+            offset = 0
+        else:
+            offset = cache_index
+            k = jax.lax.dynamic_update_slice_in_dim(
+                kv_cache[0], k.astype(kv_cache[0].dtype), offset, 1
+            )
+            v = jax.lax.dynamic_update_slice_in_dim(
+                kv_cache[1], v.astype(kv_cache[1].dtype), offset, 1
+            )
+        scale = 1.0
+        if cfg.scale_attn_weights:
+            scale /= cfg.head_dim**0.5
+        if cfg.scale_attn_by_inverse_layer_idx:
+            scale /= self.layer_idx + 1
+        use_dropout = not deterministic and cfg.attn_pdrop > 0
+        y = attend(
+            q,
+            k.astype(q.dtype),
+            v.astype(q.dtype),
+            causal_mask(key_valid, x.shape[1], offset),
+            scale=scale,
+            dropout_rate=cfg.attn_pdrop,
+            dropout_rng=self.make_rng("dropout") if use_dropout else None,
+            implementation=self.attention_impl,
+        )
+        y = _dense(cfg.n_embd, self.dtype, "c_proj", std=0.02 / (2 * cfg.n_layer) ** 0.5)(
+            _merge_heads(y)
+        )
+        return y, (k, v)
+
+
+class CrossAttention(nn.Module):
+    """Decoder tokens attend to encoder states; ``c_proj`` starts at zero (a no-op at init)."""
+
+    config: GPT2Config
+    dtype: Any = jnp.float32
+    attention_impl: str | None = None
+
+    def setup(self):
+        cfg = self.config
+        self.q_attn = _dense(cfg.n_embd, self.dtype, "q_attn")
+        self.c_attn = _dense(2 * cfg.n_embd, self.dtype, "c_attn")
+        self.c_proj = _dense(cfg.n_embd, self.dtype, "c_proj", zero=True)
+
+    def encoder_kv(self, encoder_states: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """``[batch, enc_len, encoder_dim]`` -> keys, values ``[batch, enc_len, heads, head_dim]``."""
+        k, v = jnp.split(self.c_attn(encoder_states), 2, axis=-1)
+        return _heads(k, self.config.n_head), _heads(v, self.config.n_head)
+
+    def __call__(self, x, kv, encoder_valid):
+        q = _heads(self.q_attn(x), self.config.n_head)
+        k, v = kv
+        y = attend(
+            q,
+            k.astype(q.dtype),
+            v.astype(q.dtype),
+            padding_mask(encoder_valid),
+            scale=self.config.head_dim**-0.5,
+            implementation=self.attention_impl,
+        )
+        return self.c_proj(_merge_heads(y))
+
+
+class MLP(nn.Module):
+    config: GPT2Config
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        h = ACTIVATIONS[cfg.activation_function](_dense(cfg.inner_dim, self.dtype, "c_fc")(x))
+        return _dense(cfg.n_embd, self.dtype, "c_proj", std=0.02 / (2 * cfg.n_layer) ** 0.5)(h)
+
+
+class Block(nn.Module):
+    config: GPT2Config
+    layer_idx: int
+    has_cross_attention: bool = False
+    dtype: Any = jnp.float32
+    attention_impl: str | None = None
+
+    def setup(self):
+        cfg = self.config
+        self.ln_1 = _layer_norm(cfg, "ln_1")
+        self.attn = SelfAttention(cfg, self.layer_idx, self.dtype, self.attention_impl)
+        self.ln_2 = _layer_norm(cfg, "ln_2")
+        self.mlp = MLP(cfg, self.dtype)
+        self.resid_dropout = nn.Dropout(cfg.resid_pdrop)
+        if self.has_cross_attention:
+            self.ln_cross_attn = _layer_norm(cfg, "ln_cross_attn")
+            self.crossattention = CrossAttention(cfg, self.dtype, self.attention_impl)
+
+    def encoder_kv(self, encoder_states):
+        return self.crossattention.encoder_kv(encoder_states)
+
+    def __call__(self, x, key_valid, kv_cache, cache_index, cross_kv, encoder_valid, deterministic):
+        y, new_kv = self.attn(
+            self.ln_1(x).astype(self.dtype), key_valid, kv_cache, cache_index, deterministic
+        )
+        x = x + self.resid_dropout(y, deterministic=deterministic)
+        if self.has_cross_attention:
+            y = self.crossattention(
+                self.ln_cross_attn(x).astype(self.dtype), cross_kv, encoder_valid
+            )
+            x = x + self.resid_dropout(y, deterministic=deterministic)
+        y = self.mlp(self.ln_2(x).astype(self.dtype))
+        return x + self.resid_dropout(y, deterministic=deterministic), new_kv
+
+
+class GPT2LMHead(nn.Module):
+    """GPT-2 with a tied LM head.
+
+    Attributes:
+      config: the architecture.
+      dtype: compute dtype (float32 or bfloat16); parameters are always float32.
+      cross_attention_every: 0 for plain GPT-2; n adds cross-attention to blocks
+        ``n-1, 2n-1, ...`` (1 = every block).
+      attention_impl: passed to ``jax.nn.dot_product_attention`` (None, "xla", "cudnn").
+    """
+
+    config: GPT2Config
+    dtype: Any = jnp.float32
+    cross_attention_every: int = 0
+    attention_impl: str | None = None
+
+    def setup(self):
+        cfg = self.config
+        embed_init = nn.initializers.normal(0.02)
+        self.wte = nn.Embed(cfg.vocab_size, cfg.n_embd, embedding_init=embed_init, name="wte")
+        self.wpe = nn.Embed(cfg.n_positions, cfg.n_embd, embedding_init=embed_init, name="wpe")
+        self.drop = nn.Dropout(cfg.embd_pdrop)
+        self.h = [
+            Block(
+                cfg, i, self.has_cross_attention(i), self.dtype, self.attention_impl, name=f"h_{i}"
+            )
+            for i in range(cfg.n_layer)
+        ]
+        self.ln_f = _layer_norm(cfg, "ln_f")
+
+    def has_cross_attention(self, layer_idx: int) -> bool:
+        n = self.cross_attention_every
+        return n > 0 and layer_idx % n == n - 1
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        *,
+        position_ids: jax.Array | None = None,
+        prefix_embeds: jax.Array | None = None,
+        embed_offset: jax.Array | None = None,
+        encoder_states: jax.Array | None = None,
+        encoder_mask: jax.Array | None = None,
+        cache: dict[str, Any] | None = None,
+        cache_index: jax.Array | int = 0,
+        deterministic: bool = True,
+    ):
+        """Logits ``[batch, prefix + seq, vocab]`` (float32), or ``(logits, cache)`` with a cache.
+
+        Args:
+          input_ids: ``[batch, seq]`` token ids.
+          attention_mask: ``[batch, seq]`` 1 for tokens, 0 for padding (left or right). With a
+            cache it covers every cache slot instead: ``[batch, max_len]``.
+          position_ids: ``[batch, prefix + seq]``; by default they follow the mask (padding
+            takes no position), so left-padded prompts start at position 0.
+          prefix_embeds: ``[batch, prefix, d_model]`` soft prompt placed before the tokens.
+          embed_offset: ``[batch, d_model]`` added to every token embedding (not the prefix).
+          encoder_states, encoder_mask: ``[batch, enc_len, encoder_dim]`` and ``[batch, enc_len]``
+            for the cross-attention blocks.
+          cache, cache_index: decoding state from :func:`init_cache`; this call's tokens
+            (after any prefix) occupy cache slots ``[cache_index, cache_index + prefix + seq)``.
+          deterministic: False enables dropout (needs a ``dropout`` rng).
+        """
+        batch, seq = input_ids.shape
+        x = self.wte(input_ids)
+        if embed_offset is not None:
+            x = x + embed_offset[:, None, :].astype(x.dtype)
+        # Which keys exist: this call's [prefix +] tokens, or every cache slot when decoding.
+        key_valid = jnp.ones((batch, seq), jnp.int32) if attention_mask is None else attention_mask
+        if prefix_embeds is not None:
+            x = jnp.concatenate([prefix_embeds.astype(x.dtype), x], axis=1)
+            if cache is None:
+                prefix_valid = jnp.ones(prefix_embeds.shape[:2], key_valid.dtype)
+                key_valid = jnp.concatenate([prefix_valid, key_valid], axis=1)
+        q_len = x.shape[1]
+        if position_ids is None:
+            all_positions = jnp.maximum(jnp.cumsum(key_valid, axis=1) - 1, 0)
+            position_ids = jax.lax.dynamic_slice_in_dim(
+                all_positions, cache_index if cache is not None else 0, q_len, axis=1
+            )
+        x = x + self.wpe(position_ids)
+        x = self.drop(x, deterministic=deterministic)
+
+        cross_kv = cache["cross"] if cache is not None and cache["cross"] is not None else None
+        if cross_kv is None and self.cross_attention_every > 0:
+            if encoder_states is None or encoder_mask is None:
+                raise ValueError("cross-attention blocks need encoder_states and encoder_mask")
+            cross_kv = [
+                block.encoder_kv(encoder_states) if self.has_cross_attention(i) else None
+                for i, block in enumerate(self.h)
+            ]
+        new_self = []
+        for i, block in enumerate(self.h):
+            x, kv = block(
+                x,
+                key_valid,
+                None if cache is None else cache["self"][i],
+                cache_index,
+                None if cross_kv is None else cross_kv[i],
+                encoder_mask,
+                deterministic,
+            )
+            new_self.append(kv)
+        x = self.ln_f(x)
+        logits = self.wte.attend(x.astype(self.dtype)).astype(jnp.float32)
+        if cache is None:
+            return logits
+        return logits, {"self": new_self, "cross": cross_kv}

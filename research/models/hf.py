@@ -1,0 +1,366 @@
+"""Hugging Face checkpoints <-> our Flax parameter trees.
+
+``load_pretrained(folder)`` reads ``config.json`` and the weights of a local Hugging Face model
+folder (``model.safetensors``, sharded safetensors with ``model.safetensors.index.json``, or
+``pytorch_model.bin`` when torch is installed) and returns ``(model, params)``.
+``save_pretrained(folder, model, params)`` writes a folder that transformers' PyTorch
+``from_pretrained`` loads. Nothing is ever downloaded.
+
+The whole conversion is the two tables below: one line per tensor, ``{i}`` standing for the
+layer index. The third column says how the tensor's layout changes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import tempfile
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from research.models.bert import BertConfig, BertEncoder
+from research.models.gpt2 import GPT2Config, GPT2LMHead
+
+# Layout changes. torch.nn.Linear stores [out, in]; a Flax Dense kernel is [in, out].
+# GPT-2's Conv1D already stores [in, out], so GPT-2 needs no transposition at all.
+KEEP = "keep"
+TRANSPOSE = "transpose"
+_TO_FLAX: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    KEEP: lambda a: a,
+    TRANSPOSE: np.transpose,
+}
+
+# fmt: off
+GPT2_TABLE = (
+    ("wte.weight", "wte/embedding", KEEP),
+    ("wpe.weight", "wpe/embedding", KEEP),
+    ("h.{i}.ln_1.weight", "h_{i}/ln_1/scale", KEEP),
+    ("h.{i}.ln_1.bias", "h_{i}/ln_1/bias", KEEP),
+    ("h.{i}.attn.c_attn.weight", "h_{i}/attn/c_attn/kernel", KEEP),  # Conv1D
+    ("h.{i}.attn.c_attn.bias", "h_{i}/attn/c_attn/bias", KEEP),
+    ("h.{i}.attn.c_proj.weight", "h_{i}/attn/c_proj/kernel", KEEP),  # Conv1D
+    ("h.{i}.attn.c_proj.bias", "h_{i}/attn/c_proj/bias", KEEP),
+    ("h.{i}.ln_2.weight", "h_{i}/ln_2/scale", KEEP),
+    ("h.{i}.ln_2.bias", "h_{i}/ln_2/bias", KEEP),
+    ("h.{i}.mlp.c_fc.weight", "h_{i}/mlp/c_fc/kernel", KEEP),  # Conv1D
+    ("h.{i}.mlp.c_fc.bias", "h_{i}/mlp/c_fc/bias", KEEP),
+    ("h.{i}.mlp.c_proj.weight", "h_{i}/mlp/c_proj/kernel", KEEP),  # Conv1D
+    ("h.{i}.mlp.c_proj.bias", "h_{i}/mlp/c_proj/bias", KEEP),
+    ("ln_f.weight", "ln_f/scale", KEEP),
+    ("ln_f.bias", "ln_f/bias", KEEP),
+)
+
+BERT_TABLE = (
+    ("embeddings.word_embeddings.weight", "embeddings/word_embeddings/embedding", KEEP),
+    ("embeddings.position_embeddings.weight", "embeddings/position_embeddings/embedding", KEEP),
+    ("embeddings.token_type_embeddings.weight", "embeddings/token_type_embeddings/embedding", KEEP),
+    ("embeddings.LayerNorm.weight", "embeddings/LayerNorm/scale", KEEP),
+    ("embeddings.LayerNorm.bias", "embeddings/LayerNorm/bias", KEEP),
+    ("encoder.layer.{i}.attention.self.query.weight", "encoder/layer_{i}/attention/self/query/kernel", TRANSPOSE),
+    ("encoder.layer.{i}.attention.self.query.bias", "encoder/layer_{i}/attention/self/query/bias", KEEP),
+    ("encoder.layer.{i}.attention.self.key.weight", "encoder/layer_{i}/attention/self/key/kernel", TRANSPOSE),
+    ("encoder.layer.{i}.attention.self.key.bias", "encoder/layer_{i}/attention/self/key/bias", KEEP),
+    ("encoder.layer.{i}.attention.self.value.weight", "encoder/layer_{i}/attention/self/value/kernel", TRANSPOSE),
+    ("encoder.layer.{i}.attention.self.value.bias", "encoder/layer_{i}/attention/self/value/bias", KEEP),
+    ("encoder.layer.{i}.attention.output.dense.weight", "encoder/layer_{i}/attention/output/dense/kernel", TRANSPOSE),
+    ("encoder.layer.{i}.attention.output.dense.bias", "encoder/layer_{i}/attention/output/dense/bias", KEEP),
+    ("encoder.layer.{i}.attention.output.LayerNorm.weight", "encoder/layer_{i}/attention/output/LayerNorm/scale", KEEP),
+    ("encoder.layer.{i}.attention.output.LayerNorm.bias", "encoder/layer_{i}/attention/output/LayerNorm/bias", KEEP),
+    ("encoder.layer.{i}.intermediate.dense.weight", "encoder/layer_{i}/intermediate/dense/kernel", TRANSPOSE),
+    ("encoder.layer.{i}.intermediate.dense.bias", "encoder/layer_{i}/intermediate/dense/bias", KEEP),
+    ("encoder.layer.{i}.output.dense.weight", "encoder/layer_{i}/output/dense/kernel", TRANSPOSE),
+    ("encoder.layer.{i}.output.dense.bias", "encoder/layer_{i}/output/dense/bias", KEEP),
+    ("encoder.layer.{i}.output.LayerNorm.weight", "encoder/layer_{i}/output/LayerNorm/scale", KEEP),
+    ("encoder.layer.{i}.output.LayerNorm.bias", "encoder/layer_{i}/output/LayerNorm/bias", KEEP),
+    ("pooler.dense.weight", "pooler/kernel", TRANSPOSE),
+    ("pooler.dense.bias", "pooler/bias", KEEP),
+)
+# fmt: on
+
+
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+    """How one ``model_type`` maps between Hugging Face and Flax."""
+
+    config_cls: type
+    module_cls: type
+    table: tuple[tuple[str, str, str], ...]
+    num_layers: Callable[[Any], int]
+    save_prefix: str  # what transformers' save_pretrained puts before the table's names
+    # Names transformers may add around the table's: task-model prefixes, buffers, a tied head.
+    strip_prefixes: tuple[str, ...]
+    buffers: str  # regex of non-parameter tensors that old checkpoints carry
+
+
+ARCHITECTURES = {
+    "gpt2": Architecture(
+        GPT2Config,
+        GPT2LMHead,
+        GPT2_TABLE,
+        lambda c: c.n_layer,
+        save_prefix="transformer.",
+        strip_prefixes=("transformer.",),
+        buffers=r"h\.\d+\.attn\.(bias|masked_bias)",
+    ),
+    "bert": Architecture(
+        BertConfig,
+        BertEncoder,
+        BERT_TABLE,
+        lambda c: c.num_hidden_layers,
+        save_prefix="",
+        strip_prefixes=("bert.",),
+        buffers=r"embeddings\.position_ids",
+    ),
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that cannot be read into our parameters; the message says why."""
+
+
+def expand_table(arch: Architecture, config: Any) -> list[tuple[str, str, str]]:
+    """The table with ``{i}`` replaced by every layer index: (hf name, flax path, layout)."""
+    rows = []
+    for hf, fx, layout in arch.table:
+        if "{i}" in hf:
+            rows += [
+                (hf.format(i=i), fx.format(i=i), layout) for i in range(arch.num_layers(config))
+            ]
+        else:
+            rows.append((hf, fx, layout))
+    return rows
+
+
+def read_config(folder: str | Path) -> tuple[Architecture, Any]:
+    """Validate ``folder/config.json`` and return its architecture and our config object."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"model folder {folder} does not exist")
+    path = folder / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: a Hugging Face model folder needs config.json")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path}: invalid JSON at line {err.lineno}: {err.msg}") from err
+    model_type = raw.get("model_type")
+    if model_type not in ARCHITECTURES:
+        raise CheckpointError(
+            f"{path}: model_type={model_type!r} is not supported; "
+            f"supported: {sorted(ARCHITECTURES)}"
+        )
+    arch = ARCHITECTURES[model_type]
+    return arch, arch.config_cls.from_dict(raw, source=str(path))
+
+
+def read_state_dict(folder: str | Path) -> dict[str, np.ndarray]:
+    """All tensors of a model folder as float32 numpy arrays, by their Hugging Face names."""
+    folder = Path(folder)
+    single, index, torch_bin = (
+        folder / "model.safetensors",
+        folder / "model.safetensors.index.json",
+        folder / "pytorch_model.bin",
+    )
+    if single.exists():
+        tensors = _read_safetensors(single)
+    elif index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as err:
+            raise CheckpointError(f"{index}: not a safetensors index ({err})") from err
+        tensors = {}
+        for shard in sorted(set(weight_map.values())):
+            tensors.update(_read_safetensors(folder / shard))
+        missing = sorted(set(weight_map) - set(tensors))
+        if missing:
+            raise CheckpointError(f"{index} lists tensors no shard holds: {missing[:5]}")
+    elif torch_bin.exists():
+        tensors = _read_torch_bin(torch_bin)
+    else:
+        raise FileNotFoundError(
+            f"{folder} holds no weights: expected model.safetensors, "
+            "model.safetensors.index.json (sharded) or pytorch_model.bin"
+        )
+    return {name: np.asarray(t, dtype=np.float32) for name, t in tensors.items()}
+
+
+def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    if not path.exists():
+        raise FileNotFoundError(f"safetensors shard {path} not found")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({err})") from err
+    except TypeError:  # bfloat16 has no numpy dtype: fall back to torch if present
+        return _read_with_torch(path)
+
+
+def _read_with_torch(path: Path) -> dict[str, np.ndarray]:
+    _import_torch(path)
+    from safetensors.torch import load_file
+
+    return {k: v.float().numpy() for k, v in load_file(str(path)).items()}
+
+
+def _import_torch(path: Path):
+    try:
+        import torch
+    except ImportError as err:
+        raise CheckpointError(
+            f"{path} needs PyTorch to read; install it with: pip install torch==2.13.0 "
+            "(or convert the folder to model.safetensors)"
+        ) from err
+    return torch
+
+
+def _read_torch_bin(path: Path) -> dict[str, np.ndarray]:
+    torch = _import_torch(path)
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for a bad file
+        raise CheckpointError(f"{path}: cannot read PyTorch weights ({err})") from err
+    return {k: v.float().numpy() for k, v in state.items()}
+
+
+def _normalise_names(arch: Architecture, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    out = {}
+    for name, value in tensors.items():
+        for prefix in arch.strip_prefixes:
+            if name.startswith(prefix):
+                name = name[len(prefix) :]
+        # Pre-2019 checkpoints call LayerNorm parameters gamma/beta.
+        name = re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", name)
+        name = re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", name)
+        out[name] = value
+    return out
+
+
+def convert_to_flax(
+    arch: Architecture,
+    config: Any,
+    tensors: dict[str, np.ndarray],
+    expected: dict[str, Any],
+    source: str,
+    strict: bool = False,
+) -> dict[str, Any]:
+    """Hugging Face tensors -> nested Flax params, checking names and shapes.
+
+    ``expected`` maps flax paths ("h_0/attn/c_attn/kernel") to objects with ``.shape``.
+    Missing tensors and shape mismatches raise; unexpected tensors are reported by a warning
+    (an error when ``strict``).
+    """
+    tensors = _normalise_names(arch, tensors)
+    flat, missing, mismatched = {}, [], []
+    used = set()
+    for hf_name, flax_path, layout in expand_table(arch, config):
+        if hf_name not in tensors:
+            missing.append(hf_name)
+            continue
+        value = _TO_FLAX[layout](tensors[hf_name])
+        used.add(hf_name)
+        want = tuple(expected[flax_path].shape)
+        if value.shape != want:
+            mismatched.append(
+                f"{hf_name} has shape {value.shape}, but parameter {flax_path} needs {want}"
+            )
+        flat[flax_path] = np.ascontiguousarray(value, dtype=np.float32)
+    if missing or mismatched:
+        lines = [f"missing tensor {name}" for name in missing] + mismatched
+        raise CheckpointError(f"{source}: cannot load weights:\n  " + "\n  ".join(lines))
+    extra = sorted(
+        name
+        for name in set(tensors) - used
+        if not re.fullmatch(arch.buffers, name) and not _is_tied_head(name, tensors)
+    )
+    if extra:
+        message = f"{source}: {len(extra)} unexpected tensors not loaded: {extra[:10]}"
+        if strict:
+            raise CheckpointError(message)
+        warnings.warn(message, stacklevel=3)
+    return traverse_util.unflatten_dict(flat, sep="/")
+
+
+def _is_tied_head(name: str, tensors: dict[str, np.ndarray]) -> bool:
+    """GPT-2's LM head is tied to the token embeddings; an identical copy is no news."""
+    return (
+        name == "lm_head.weight"
+        and "wte.weight" in tensors
+        and np.array_equal(tensors[name], tensors["wte.weight"])
+    )
+
+
+def abstract_params(module: Any, config: Any) -> dict[str, Any]:
+    """Flat ``{path: ShapeDtypeStruct}`` of a module's parameters, without allocating them."""
+    ids = jnp.zeros((1, 4), jnp.int32)
+    shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), ids))["params"]
+    return traverse_util.flatten_dict(shapes, sep="/")
+
+
+def load_pretrained(
+    folder: str | Path, dtype: Any = jnp.float32, strict: bool = False
+) -> tuple[Any, dict[str, Any]]:
+    """Load a local Hugging Face GPT-2 or BERT folder -> ``(model, params)``.
+
+    ``dtype`` is the compute dtype; parameters are float32. GPT-2 returns a
+    :class:`GPT2LMHead` (``apply`` gives logits ``[batch, seq, vocab]``); BERT a
+    :class:`BertEncoder` (``apply`` gives ``(last_hidden_state, pooler_output)``).
+    """
+    arch, config = read_config(folder)
+    model = arch.module_cls(config, dtype=dtype)
+    tensors = read_state_dict(folder)
+    params = convert_to_flax(
+        arch, config, tensors, abstract_params(model, config), str(folder), strict
+    )
+    return model, jax.tree_util.tree_map(jnp.asarray, params)
+
+
+def save_pretrained(folder: str | Path, model: Any, params: dict[str, Any]) -> Path:
+    """Write ``config.json`` + ``model.safetensors`` that transformers' ``from_pretrained`` reads.
+
+    Files are written to temporary names and renamed, so a crash never leaves half a file.
+    """
+    from safetensors.numpy import save_file
+
+    arch = ARCHITECTURES[model.config.model_type]
+    flat = traverse_util.flatten_dict(jax.device_get(params), sep="/")
+    rows = expand_table(arch, model.config)
+    unknown = sorted(set(flat) - {fx for _, fx, _ in rows})
+    if unknown:
+        raise CheckpointError(
+            f"parameters with no Hugging Face {model.config.model_type} equivalent: {unknown[:5]}"
+        )
+    tensors = {}
+    for hf_name, flax_path, layout in rows:
+        # Both layout changes are their own inverse.
+        tensors[arch.save_prefix + hf_name] = np.ascontiguousarray(
+            _TO_FLAX[layout](np.asarray(flat[flax_path], np.float32))
+        )
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = json.dumps(model.config.to_hf_dict(), indent=2, sort_keys=True) + "\n"
+    _atomic_write(folder / "model.safetensors", lambda p: save_file(tensors, p))
+    _atomic_write(folder / "config.json", lambda p: Path(p).write_text(config))
+    return folder
+
+
+def _atomic_write(path: Path, write: Callable[[str], Any]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
