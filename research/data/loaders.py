@@ -1,0 +1,448 @@
+"""Loaders: every supported file format to a list of ``Review`` plus a bad-row report.
+
+Formats (``data.source``):
+
+* ``pepler``: PEPLER/PETER ``reviews.pickle``, a list of dicts with ``user``, ``item``,
+  ``rating`` and ``template = (feature, adjective, sentence, sentiment)``, loaded with the
+  restricted unpickler of ``safe_pickle`` (no code runs). The text is the template sentence.
+  Optional split folder (``data.index_dir``) with ``train.index``, ``validation.index`` and
+  ``test.index``: whitespace-separated positions in the pickle's list.
+* ``amazon``: Amazon review JSON lines, 2014 or 2018 release (``reviewerID``, ``asin``,
+  ``overall``, ``reviewText``; optional ``summary``, ``unixReviewTime``; other fields such as
+  2018's ``style`` are ignored).
+* ``yelp``: Yelp ``review.json`` lines (``user_id``, ``business_id``, ``stars``, ``text``;
+  optional ``date`` as "YYYY-MM-DD HH:MM:SS", read as UTC).
+* ``csv`` / ``jsonl``: any columns, named by ``data.columns``. user/item/text (and rating
+  when mapped) must be present in every row; mapped timestamp/features/summary may be absent or
+  empty in a row. CSV features cells are "|"-separated; CSV rating/timestamp cells are parsed
+  as numbers.
+
+JSON-lines and CSV files may be gzip-compressed (detected from the content). Lines are
+numbered from 1 (a CSV header is line 1); pickle records by their list position.
+
+Bad rows: ``missing_field`` (absent or null), ``empty_text`` (the target text is empty or
+blank), ``wrong_type``, ``invalid_utf8``, ``invalid_json``, and for CSV ``malformed_row`` (a
+cell count that differs from the header). With ``data.on_bad_row=error`` the first one raises
+``BadRowError`` naming file, line and field; with ``skip`` it is dropped and counted.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+import math
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from functools import partial
+from pathlib import Path
+
+import ml_collections
+
+from research.data.config import SPLITS
+from research.data.records import Review
+from research.data.safe_pickle import restricted_load
+from research.data.synthetic import synthetic_reviews
+
+BAD_ROW_REASONS = (
+    "missing_field",
+    "empty_text",
+    "wrong_type",
+    "invalid_utf8",
+    "invalid_json",
+    "malformed_row",
+)
+# Bad-row examples kept per reason in the report: enough to find the problem, not a copy.
+_EXAMPLES_PER_REASON = 5
+_GZIP_MAGIC = b"\x1f\x8b"
+CSV_FEATURE_SEPARATOR = "|"
+
+
+class BadRowError(ValueError):
+    """A bad row under ``data.on_bad_row=error``; the message names file, line and field."""
+
+
+class _BadRow(Exception):
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass
+class BadRowReport:
+    """Counts of rows read, kept and skipped by reason, with the first few locations."""
+
+    on_bad_row: str
+    rows_read: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    examples: dict[str, list[str]] = field(default_factory=dict)
+
+    def bad_row(self, location: str, problem: _BadRow) -> None:
+        message = f"{location}: {problem.reason.replace('_', ' ')}: {problem.detail}"
+        if self.on_bad_row == "error":
+            raise BadRowError(f"{message} (set data.on_bad_row=skip to skip and count such rows)")
+        self.skipped[problem.reason] += 1
+        examples = self.examples.setdefault(problem.reason, [])
+        if len(examples) < _EXAMPLES_PER_REASON:
+            examples.append(message)
+
+    def to_dict(self) -> dict:
+        return {
+            "on_bad_row": self.on_bad_row,
+            "rows_read": self.rows_read,
+            "rows_kept": self.rows_read - sum(self.skipped.values()),
+            "skipped": {reason: self.skipped[reason] for reason in sorted(self.skipped)},
+            "examples": self.examples,
+        }
+
+
+@dataclass
+class LoadedData:
+    """Records in file order, the report, the files read, and the dataset's own split (if any).
+
+    ``splits`` maps split name to positions in ``records`` (PEPLER index folders), else None.
+    ``dropped_index_entries`` counts index entries per split that pointed at skipped rows.
+    """
+
+    records: list[Review]
+    report: BadRowReport
+    files: list[Path]
+    splits: dict[str, list[int]] | None = None
+    dropped_index_entries: dict[str, int] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------
+# Field readers: raise _BadRow with the reason; the caller adds file and line.
+
+
+def _required(row: dict, key: str):
+    value = row.get(key)
+    if value is None:
+        raise _BadRow("missing_field", f"field '{key}' is missing or null")
+    return value
+
+
+def _type_name(value) -> str:
+    return type(value).__name__
+
+
+def _identifier(row: dict, key: str) -> str:
+    value = _required(row, key)
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise _BadRow("wrong_type", f"field '{key}' is a {_type_name(value)}, expected a string")
+    value = str(value).strip()
+    if not value:
+        raise _BadRow("missing_field", f"field '{key}' is empty")
+    return value
+
+
+def _number(value, key: str, text_cells: bool = False) -> float:
+    """A finite number; ``text_cells`` (CSV) parses it from text, "" being a missing value."""
+    if text_cells:
+        if value == "":
+            raise _BadRow("missing_field", f"field '{key}' is empty")
+        try:
+            value = float(value)
+        except ValueError:
+            raise _BadRow("wrong_type", f"field '{key}'={value!r} is not a number") from None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _BadRow("wrong_type", f"field '{key}' is a {_type_name(value)}, expected a number")
+    if not math.isfinite(value):
+        raise _BadRow("wrong_type", f"field '{key}'={value!r} is not a finite number")
+    return float(value)
+
+
+def _timestamp(value, key: str, text_cells: bool = False) -> int | None:
+    if value is None or (text_cells and value == ""):
+        return None
+    number = _number(value, key, text_cells)
+    if number != int(number):
+        raise _BadRow("wrong_type", f"field '{key}'={value!r} is not a whole number of seconds")
+    return int(number)
+
+
+def _string(value, key: str) -> str:
+    if not isinstance(value, str):
+        raise _BadRow("wrong_type", f"field '{key}' is a {_type_name(value)}, expected a string")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        # JSON "\ud800" escapes decode to lone surrogates that no tokenizer can encode.
+        raise _BadRow("invalid_utf8", f"field '{key}' holds a lone surrogate") from None
+    return value
+
+
+def _optional_string(row: dict, key: str) -> str:
+    value = row.get(key) if key else None
+    return "" if value is None else _string(value, key)
+
+
+def _check_target(text: str, key: str) -> None:
+    if not text.strip():
+        raise _BadRow("empty_text", f"field '{key}' is empty")
+
+
+def _features(value, key: str, separator: str | None) -> tuple[str, ...]:
+    if value is None or value == "":
+        return ()
+    if isinstance(value, str):
+        parts = value.split(separator) if separator else [value]
+    elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+        parts = value
+    else:
+        raise _BadRow(
+            "wrong_type", f"field '{key}' is a {_type_name(value)}, expected strings or a string"
+        )
+    return tuple(p.strip() for p in parts if p.strip())
+
+
+# ---------------------------------------------------------------------------------------------
+# Row parsers: one dict (a parsed JSON line or CSV row) to a Review.
+
+
+def _amazon_row(row: dict, target_field: str) -> Review:
+    review = Review(
+        user=_identifier(row, "reviewerID"),
+        item=_identifier(row, "asin"),
+        rating=_number(_required(row, "overall"), "overall"),
+        text=_string(_required(row, "reviewText"), "reviewText"),
+        summary=_optional_string(row, "summary"),
+        timestamp=_timestamp(row.get("unixReviewTime"), "unixReviewTime"),
+    )
+    if target_field == "summary":
+        _check_target(review.summary, "summary")
+    else:
+        _check_target(review.text, "reviewText")
+    return review
+
+
+def _yelp_row(row: dict) -> Review:
+    date = row.get("date")
+    timestamp = None
+    if date is not None:
+        try:
+            parsed = datetime.strptime(_string(date, "date"), "%Y-%m-%d %H:%M:%S")
+        except ValueError:
+            raise _BadRow(
+                "wrong_type", f"field 'date'={date!r} is not YYYY-MM-DD HH:MM:SS"
+            ) from None
+        timestamp = int(parsed.replace(tzinfo=UTC).timestamp())
+    review = Review(
+        user=_identifier(row, "user_id"),
+        item=_identifier(row, "business_id"),
+        rating=_number(_required(row, "stars"), "stars"),
+        text=_string(_required(row, "text"), "text"),
+        timestamp=timestamp,
+    )
+    _check_target(review.text, "text")
+    return review
+
+
+def _mapped_row(row: dict, columns, target_field: str, text_cells: bool) -> Review:
+    """A row of named columns; ``text_cells``: CSV, where every cell is text."""
+    rating = None
+    if columns.rating:
+        rating = _number(_required(row, columns.rating), columns.rating, text_cells)
+    review = Review(
+        user=_identifier(row, columns.user),
+        item=_identifier(row, columns.item),
+        rating=rating,
+        text=_string(_required(row, columns.text), columns.text),
+        features=_features(
+            row.get(columns.features) if columns.features else None,
+            columns.features,
+            CSV_FEATURE_SEPARATOR if text_cells else None,
+        ),
+        timestamp=_timestamp(
+            row.get(columns.timestamp) if columns.timestamp else None,
+            columns.timestamp,
+            text_cells,
+        ),
+        summary=_optional_string(row, columns.summary),
+    )
+    if target_field == "summary":
+        _check_target(review.summary, columns.summary)
+    else:
+        _check_target(review.text, columns.text)
+    return review
+
+
+def _pepler_row(row) -> Review:
+    if not isinstance(row, dict):
+        raise _BadRow("wrong_type", f"record is a {_type_name(row)}, expected a dict")
+    template = _required(row, "template")
+    if not isinstance(template, tuple | list) or len(template) != 4:
+        raise _BadRow(
+            "wrong_type",
+            "field 'template' must be (feature, adjective, sentence, sentiment), "
+            f"got a {_type_name(template)}",
+        )
+    feature = _string(template[0], "template.feature")
+    sentence = _string(template[2], "template.sentence")
+    _check_target(sentence, "template.sentence")
+    return Review(
+        user=_identifier(row, "user"),
+        item=_identifier(row, "item"),
+        rating=_number(_required(row, "rating"), "rating"),
+        text=sentence,
+        features=(feature.strip(),) if feature.strip() else (),
+        sentence=sentence,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# File readers.
+
+
+def _read_bytes(path: Path) -> bytes:
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {path} does not exist (data.path)")
+    raw = path.read_bytes()
+    return gzip.decompress(raw) if raw[:2] == _GZIP_MAGIC else raw
+
+
+def _json_lines(path: Path) -> Iterator[tuple[int, dict | _BadRow]]:
+    """(line number, parsed object or the problem) for each non-blank line."""
+    for number, line in enumerate(_read_bytes(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as error:
+            yield number, _BadRow("invalid_utf8", f"byte {error.start}: {error.reason}")
+            continue
+        try:
+            row = json.loads(text)
+        except json.JSONDecodeError as error:
+            yield number, _BadRow("invalid_json", str(error))
+            continue
+        if not isinstance(row, dict):
+            yield number, _BadRow("invalid_json", f"expected an object, got a {_type_name(row)}")
+            continue
+        yield number, row
+
+
+def _has_undecodable(cell: str) -> bool:
+    # Bytes that are not UTF-8 decode to U+DC80..U+DCFF under "surrogateescape".
+    return any("\udc80" <= char <= "\udcff" for char in cell)
+
+
+def _csv_rows(path: Path, columns) -> Iterator[tuple[int, dict | _BadRow]]:
+    """(first line number, {header: cell} or the problem) for each CSV row after the header."""
+    text = _read_bytes(path).decode("utf-8", errors="surrogateescape")
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header = next(reader, None)
+    if header is None or any(_has_undecodable(cell) for cell in header):
+        raise ValueError(f"{path}:1: expected a UTF-8 CSV header row")
+    mapped = {name: columns[name] for name in columns if columns[name]}
+    for name, column in mapped.items():
+        if column not in header:
+            raise ValueError(
+                f"{path}:1: data.columns.{name}={column!r} is not a column; header: {header}"
+            )
+    previous_end = reader.line_num
+    for cells in reader:
+        start, previous_end = previous_end + 1, reader.line_num
+        if not cells:
+            continue
+        if any(_has_undecodable(cell) for cell in cells):
+            yield start, _BadRow("invalid_utf8", "the row holds bytes that are not UTF-8")
+        elif len(cells) != len(header):
+            yield (
+                start,
+                _BadRow("malformed_row", f"{len(cells)} cells but the header has {len(header)}"),
+            )
+        else:
+            yield start, dict(zip(header, cells, strict=True))
+
+
+def _parse_rows(rows, path: Path, parse, report: BadRowReport) -> list[Review]:
+    records = []
+    for number, row in rows:
+        report.rows_read += 1
+        try:
+            if isinstance(row, _BadRow):
+                raise row
+            records.append(parse(row))
+        except _BadRow as problem:
+            report.bad_row(f"{path}:{number}", problem)
+    return records
+
+
+def _read_index(path: Path, num_rows: int) -> list[int]:
+    if not path.is_file():
+        raise FileNotFoundError(f"split index file {path} does not exist (data.index_dir)")
+    positions = []
+    for token in path.read_text().split():
+        try:
+            position = int(token)
+        except ValueError:
+            raise ValueError(f"{path}: {token!r} is not an integer record position") from None
+        if not 0 <= position < num_rows:
+            raise ValueError(f"{path}: position {position} is outside the {num_rows} records")
+        positions.append(position)
+    if len(set(positions)) != len(positions):
+        raise ValueError(f"{path}: a record position appears twice")
+    return positions
+
+
+def _load_pepler(cfg, report: BadRowReport) -> LoadedData:
+    path = Path(cfg.path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {path} does not exist (data.path)")
+    rows = restricted_load(path)
+    if not isinstance(rows, list):
+        raise ValueError(f"{path}: expected a list of review dicts, got a {_type_name(rows)}")
+    records, kept_at = [], {}
+    for position, row in enumerate(rows):
+        report.rows_read += 1
+        try:
+            review = _pepler_row(row)
+        except _BadRow as problem:
+            report.bad_row(f"{path}: record {position}", problem)
+            continue
+        kept_at[position] = len(records)
+        records.append(review)
+    loaded = LoadedData(records, report, [path])
+    if cfg.index_dir:
+        index_dir = Path(cfg.index_dir)
+        loaded.splits, seen = {}, set()
+        for split in SPLITS:
+            index_path = index_dir / f"{split}.index"
+            positions = _read_index(index_path, len(rows))
+            if seen & set(positions):
+                raise ValueError(f"{index_path}: shares record positions with an earlier split")
+            seen |= set(positions)
+            loaded.splits[split] = [kept_at[p] for p in positions if p in kept_at]
+            loaded.dropped_index_entries[split] = len(positions) - len(loaded.splits[split])
+            loaded.files.append(index_path)
+    return loaded
+
+
+def load_records(cfg: ml_collections.ConfigDict) -> LoadedData:
+    """Read ``data.source`` at ``data.path`` (or generate the synthetic corpus)."""
+    report = BadRowReport(cfg.on_bad_row)
+    target_field = "summary" if cfg.target == "summary" else "text"
+    if cfg.source == "synthetic":
+        records = synthetic_reviews(**cfg.synthetic.to_dict())
+        report.rows_read = len(records)
+        return LoadedData(records, report, [])
+    if cfg.source == "pepler":
+        return _load_pepler(cfg, report)
+    path = Path(cfg.path)
+    parse = {
+        "amazon": partial(_amazon_row, target_field=target_field),
+        "yelp": _yelp_row,
+        "jsonl": partial(
+            _mapped_row, columns=cfg.columns, target_field=target_field, text_cells=False
+        ),
+        "csv": partial(
+            _mapped_row, columns=cfg.columns, target_field=target_field, text_cells=True
+        ),
+    }[cfg.source]
+    rows = _csv_rows(path, cfg.columns) if cfg.source == "csv" else _json_lines(path)
+    return LoadedData(_parse_rows(rows, path, parse, report), report, [path])
