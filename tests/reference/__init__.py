@@ -1,0 +1,1 @@
+"""Original implementations vendored as test references (a second code path)."""
