@@ -109,8 +109,9 @@ def nmt_corpus_bleu(
 def _lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
     """Length of the longest common subsequence, bit-parallel (Hyyrö 2004): O(len(a)) int ops.
 
-    Bit i of ``v`` is 0 where the LCS of the prefix of ``a`` read so far and ``b[: i + 1]`` gains a
-    row; the zero count of ``v`` is the LCS length.
+    ``v`` holds one bit per word of ``b``; after reading a prefix of ``a``, its zero bits mark
+    the positions of ``b`` where the LCS of that prefix and ``b[: i + 1]`` grows by one, so
+    their count is the LCS length. Same value as the O(len(a) * len(b)) table of the original.
     """
     position_masks: dict[str, int] = {}
     for i, word in enumerate(b):
