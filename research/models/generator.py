@@ -1,0 +1,211 @@
+"""The review generator: optional encoder + conditioning + GPT-2 decoder, as one Flax module.
+
+Batches are dicts of arrays (``research/data``): ``decoder_ids``/``decoder_mask`` ``[batch, T]``,
+``encoder_ids``/``encoder_mask`` ``[batch, S]`` when an encoder is used, ``user``/``item``
+``[batch]``. Parameters split into three groups that training can freeze separately:
+``encoder``, ``decoder`` and ``conditioning`` (everything the conditioning method added,
+including the decoder's cross-attention sublayers).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from research.models import conditioning as cond
+from research.models.bert import BertConfig, BertEncoder
+from research.models.gpt2 import GPT2Config, GPT2LMHead
+from research.models.hf import CheckpointError, load_pretrained
+
+GROUPS = ("encoder", "decoder", "conditioning")
+
+
+@dataclasses.dataclass(frozen=True)
+class GeneratorSpec:
+    """Everything that fixes the generator's architecture (hashable, so jit can key on it)."""
+
+    decoder: GPT2Config
+    encoder: BertConfig | None
+    conditioning: tuple[str, ...] = ("none",)
+    prefix_length: int = 4
+    pooling: str = "mean"
+    cross_attention_every: int = 1
+    num_users: int = 1
+    num_items: int = 1
+
+    def __post_init__(self):
+        if cond.needs_encoder(self.conditioning) and self.encoder is None:
+            raise ValueError(
+                f"model.conditioning={'+'.join(self.conditioning)!r} reads the encoder, "
+                "but no encoder is configured (set model.encoder)"
+            )
+        if self.pooling not in cond.POOLINGS:
+            raise ValueError(
+                f"model.pooling={self.pooling!r}: valid choices are {list(cond.POOLINGS)}"
+            )
+
+    @property
+    def uses_encoder(self) -> bool:
+        return cond.needs_encoder(self.conditioning)
+
+
+class Generator(nn.Module):
+    """``apply(params, batch)`` -> logits ``[batch, T, vocab]`` over the decoder tokens only."""
+
+    spec: GeneratorSpec
+    dtype: Any = jnp.float32
+    attention_impl: str | None = None
+
+    def setup(self):
+        s = self.spec
+        every = s.cross_attention_every if "cross_attention" in s.conditioning else 0
+        self.decoder = GPT2LMHead(s.decoder, self.dtype, every, self.attention_impl)
+        if s.uses_encoder:
+            self.encoder = BertEncoder(s.encoder, self.dtype)
+        d_model, modules = s.decoder.n_embd, {}
+        for method in s.conditioning:
+            if method == "prefix":
+                modules[method] = cond.SoftPrefix(d_model, s.prefix_length, s.pooling, self.dtype)
+            elif method == "additive":
+                modules[method] = cond.AdditiveConditioning(d_model, s.pooling, self.dtype)
+            elif method == "id_prompt":
+                modules[method] = cond.IdPrompt(d_model, s.num_users, s.num_items)
+            else:
+                modules[method] = cond.METHODS[method]()
+        self.conditioning = modules
+
+    def condition(self, batch: dict[str, jax.Array], deterministic: bool = True):
+        """Run the encoder (if any) and every conditioning method -> ``DecoderInputs``."""
+        states = mask = None
+        if self.spec.uses_encoder:
+            mask = batch["encoder_mask"]
+            states = self.encoder(
+                batch["encoder_ids"], mask, deterministic=deterministic
+            ).last_hidden_state
+        sources = cond.Sources(states, mask, batch.get("user"), batch.get("item"))
+        inputs = cond.DecoderInputs()
+        for method in self.spec.conditioning:
+            inputs = inputs.merge(self.conditioning[method](sources))
+        return inputs
+
+    def decode(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array,
+        inputs: cond.DecoderInputs,
+        cache: dict | None = None,
+        cache_index: jax.Array | int = 0,
+        deterministic: bool = True,
+    ):
+        """The decoder under ``inputs``; see ``GPT2LMHead.__call__`` for the cache contract."""
+        return self.decoder(
+            input_ids,
+            attention_mask,
+            prefix_embeds=inputs.prefix_embeds,
+            embed_offset=inputs.embed_offset,
+            encoder_states=inputs.encoder_states,
+            encoder_mask=inputs.encoder_mask,
+            cache=cache,
+            cache_index=cache_index,
+            deterministic=deterministic,
+        )
+
+    def __call__(self, batch: dict[str, jax.Array], deterministic: bool = True) -> jax.Array:
+        inputs = self.condition(batch, deterministic)
+        logits = self.decode(
+            batch["decoder_ids"], batch["decoder_mask"], inputs, deterministic=deterministic
+        )
+        return logits[:, inputs.prefix_length :]
+
+
+def param_group(path: tuple[str, ...]) -> str:
+    """Which group a parameter (path of keys in the params tree) belongs to."""
+    if path[0] == "encoder":
+        return "encoder"
+    if path[0] == "decoder":
+        is_cross = any(k in ("crossattention", "ln_cross_attn") for k in path)
+        return "conditioning" if is_cross else "decoder"
+    return "conditioning"
+
+
+def group_labels(params: dict[str, Any]) -> dict[str, Any]:
+    """A tree like ``params`` whose leaves are group names (for optax masks)."""
+    flat = traverse_util.flatten_dict(params)
+    return traverse_util.unflatten_dict({path: param_group(path) for path in flat})
+
+
+def parameter_counts(params: dict[str, Any]) -> dict[str, int]:
+    counts = dict.fromkeys(GROUPS, 0)
+    for path, leaf in traverse_util.flatten_dict(params).items():
+        counts[param_group(path)] += int(np.prod(leaf.shape))
+    return counts
+
+
+def parameter_summary(params: dict[str, Any], trainable: tuple[str, ...] = GROUPS) -> str:
+    """A small table: parameters per group, and which groups train."""
+    counts = parameter_counts(params)
+    rows = [f"{'group':<14}{'parameters':>14}  trainable"]
+    for group in GROUPS:
+        rows.append(f"{group:<14}{counts[group]:>14,}  {'yes' if group in trainable else 'no'}")
+    total = sum(counts.values())
+    n_train = sum(c for g, c in counts.items() if g in trainable)
+    rows.append(f"{'total':<14}{total:>14,}  {n_train:,} trainable")
+    return "\n".join(rows)
+
+
+def example_batch(spec: GeneratorSpec, batch: int = 1, seq: int = 4) -> dict[str, jax.Array]:
+    """A dummy batch with every key the generator may read (for ``init``)."""
+    ids = jnp.zeros((batch, seq), jnp.int32)
+    out = {"decoder_ids": ids, "decoder_mask": jnp.ones_like(ids)}
+    out["user"] = out["item"] = jnp.zeros((batch,), jnp.int32)
+    if spec.uses_encoder:
+        out["encoder_ids"], out["encoder_mask"] = ids, jnp.ones_like(ids)
+    return out
+
+
+def init_generator(
+    model: Generator,
+    rng: jax.Array,
+    pretrained: dict[str, dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Random parameters, with ``pretrained["decoder"|"encoder"]`` trees copied in.
+
+    New parameters that a pretrained tree lacks (cross-attention sublayers) keep their
+    initialisation; a pretrained tensor whose shape differs is an error naming it.
+    """
+    params = dict(model.init(rng, example_batch(model.spec))["params"])
+    for part, tree in (pretrained or {}).items():
+        if part not in params:
+            raise ValueError(f"pretrained {part} given, but this generator has no {part}")
+        params[part] = _overlay(params[part], tree, part)
+    return params
+
+
+def _overlay(target: dict, source: dict, where: str) -> dict:
+    flat_t = traverse_util.flatten_dict(target, sep="/")
+    for path, value in traverse_util.flatten_dict(source, sep="/").items():
+        if path not in flat_t:
+            raise CheckpointError(f"pretrained {where} has parameter {path} the model lacks")
+        if flat_t[path].shape != value.shape:
+            raise CheckpointError(
+                f"pretrained {where}/{path} has shape {value.shape}, model needs {flat_t[path].shape}"
+            )
+        flat_t[path] = jnp.asarray(value, jnp.float32)
+    return traverse_util.unflatten_dict(flat_t, sep="/")
+
+
+def load_part(folder: str | Path, expected_type: str) -> tuple[Any, dict[str, Any]]:
+    """Load a Hugging Face folder for the decoder ("gpt2") or encoder ("bert") slot."""
+    module, params = load_pretrained(folder)
+    if module.config.model_type != expected_type:
+        raise CheckpointError(
+            f"{folder} holds a {module.config.model_type} model; this slot needs {expected_type}"
+        )
+    return module.config, params

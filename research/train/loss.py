@@ -1,0 +1,39 @@
+"""Next-token loss on target tokens only.
+
+The generator's logits cover the decoder tokens (soft-prompt positions are already dropped),
+so the only positions to exclude are padding and the BOS that nothing predicts.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def token_loss_sums(
+    logits: jax.Array, decoder_ids: jax.Array, decoder_mask: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Summed cross-entropy and the number of target tokens it covers.
+
+    Args:
+      logits: ``[batch, T, vocab]``; position ``t`` predicts token ``t + 1``.
+      decoder_ids, decoder_mask: ``[batch, T]``.
+
+    Returns sums (not means) so that devices and accumulation steps can add them exactly.
+    """
+    targets = decoder_ids[:, 1:]
+    weights = decoder_mask[:, 1:].astype(jnp.float32)
+    ce = optax.softmax_cross_entropy_with_integer_labels(
+        logits[:, :-1].astype(jnp.float32), targets
+    )
+    return (ce * weights).sum(), weights.sum()
+
+
+def mean_token_loss(logits, decoder_ids, decoder_mask) -> jax.Array:
+    total, count = token_loss_sums(logits, decoder_ids, decoder_mask)
+    return total / jnp.maximum(count, 1.0)
+
+
+def perplexity(mean_loss: jax.Array) -> jax.Array:
+    return jnp.exp(mean_loss)
