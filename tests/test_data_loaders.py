@@ -242,6 +242,10 @@ CSV_BAD_ROWS = {
     "missing_rating": (b"u9,i9,,text\n", r"missing field: field 'rating' is empty"),
     "wrong_type": (b"u9,i9,abc,text\n", r"wrong type: field 'rating'='abc' is not a number"),
     "empty_text": (b'u9,i9,1,"  "\n', r"empty text: field 'text' is empty"),
+    "huge_cell": (
+        b"u9,i9,1," + b"x" * 200_000 + b"\n",
+        r"malformed row: field larger than field limit",
+    ),
 }
 
 
@@ -263,7 +267,7 @@ def test_csv_bad_rows_skipped_and_counted(tmp_path):
     assert loaded.report.to_dict()["skipped"] == {
         "empty_text": 1,
         "invalid_utf8": 1,
-        "malformed_row": 1,
+        "malformed_row": 2,
         "missing_field": 2,
         "wrong_type": 1,
     }

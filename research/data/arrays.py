@@ -40,6 +40,10 @@ class Ragged:
         """int64 [rows]."""
         return np.diff(self.offsets)
 
+    def lengths_of(self, rows: np.ndarray) -> np.ndarray:
+        """int64 [len(rows)]: lengths of the given rows (without touching the others)."""
+        return self.offsets[rows + 1] - self.offsets[rows]
+
     def padded(self, rows: np.ndarray, length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
         """Rows ``rows`` (int [batch], -1 = a padding row) right-padded to ``length``.
 
@@ -48,7 +52,7 @@ class Ragged:
         """
         real = rows >= 0
         safe_rows = np.where(real, rows, 0)
-        lengths = np.where(real, self.lengths[safe_rows], 0)
+        lengths = np.where(real, self.lengths_of(safe_rows), 0)
         if lengths.max(initial=0) > length:
             raise ValueError(f"a row of {lengths.max()} tokens does not fit length {length}")
         positions = np.arange(length)

@@ -43,7 +43,7 @@ def make_batch(
     batch_rows = rows[local]
     safe_rows = np.where(batch_rows >= 0, batch_rows, 0)
     is_real = batch_rows >= 0
-    length = bucket_length(int(split.decoder.lengths[real].max(initial=1)), target_buckets)
+    length = bucket_length(int(split.decoder.lengths_of(real).max(initial=1)), target_buckets)
     decoder_ids, decoder_mask = split.decoder.padded(batch_rows, length, DECODER_PAD)
     batch = {
         "decoder_ids": decoder_ids,
@@ -53,7 +53,7 @@ def make_batch(
         "example": batch_rows.astype(np.int32),
     }
     if split.encoder is not None:
-        length = bucket_length(int(split.encoder.lengths[real].max(initial=1)), encoder_buckets)
+        length = bucket_length(int(split.encoder.lengths_of(real).max(initial=1)), encoder_buckets)
         batch["encoder_ids"], batch["encoder_mask"] = split.encoder.padded(
             batch_rows, length, ENCODER_PAD
         )

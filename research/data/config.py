@@ -58,7 +58,8 @@ def data_config() -> ml_collections.ConfigDict:
     # train:validation:test for the seeded split (used when index_dir is empty).
     cfg.split_ratios = (0.8, 0.1, 0.1)
     cfg.split_seed = 0
-    # Put at least one review of every user and every item in train (as PETER's splits do).
+    # Seeded split only: put at least one review of every user and every item in train (as
+    # PETER's splits do), so no validation/test user or item is unseen.
     cfg.keep_test_entities_in_train = True
     # Decoder target: the review text, its first sentence, PEPLER's template sentence, or the
     # summary (title); cut to max_target_tokens GPT-2 tokens, then wrapped in BOS/EOS.

@@ -1,7 +1,7 @@
 """What the encoder reads (``data.encoder_input``), built without leaking the target.
 
 * ``review``: the target text itself (the paraphrase setting: an upper bound, not a task).
-* ``features``: the record's own aspect words joined with ", ".
+* ``features``: the record's own aspect words joined with ", " (just [CLS] [SEP] without any).
 * ``user_history``: the user's other reviews; ``item_history``: the item's other reviews;
   ``user_item_history``: both, as a BERT sentence pair
   ``[CLS] user: <user history> [SEP] item: <item history> [SEP]``.

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
+from typing import BinaryIO
 
 import ml_collections
 
@@ -298,32 +299,35 @@ def _pepler_row(row) -> Review:
 # File readers.
 
 
-def _read_bytes(path: Path) -> bytes:
+def _open_binary(path: Path) -> BinaryIO:
+    """The file's bytes, decompressed when it is gzip; streamed, so any size fits in memory."""
     if not path.is_file():
         raise FileNotFoundError(f"data file {path} does not exist (data.path)")
-    raw = path.read_bytes()
-    return gzip.decompress(raw) if raw[:2] == _GZIP_MAGIC else raw
+    with path.open("rb") as file:
+        compressed = file.read(2) == _GZIP_MAGIC
+    return gzip.open(path, "rb") if compressed else path.open("rb")
 
 
 def _json_lines(path: Path) -> Iterator[tuple[int, dict | _BadRow]]:
     """(line number, parsed object or the problem) for each non-blank line."""
-    for number, line in enumerate(_read_bytes(path).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            text = line.decode("utf-8")
-        except UnicodeDecodeError as error:
-            yield number, _BadRow("invalid_utf8", f"byte {error.start}: {error.reason}")
-            continue
-        try:
-            row = json.loads(text)
-        except json.JSONDecodeError as error:
-            yield number, _BadRow("invalid_json", str(error))
-            continue
-        if not isinstance(row, dict):
-            yield number, _BadRow("invalid_json", f"expected an object, got a {_type_name(row)}")
-            continue
-        yield number, row
+    with _open_binary(path) as file:
+        for number, line in enumerate(file, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line.decode("utf-8"))
+            except UnicodeDecodeError as error:
+                yield number, _BadRow("invalid_utf8", f"byte {error.start}: {error.reason}")
+            except json.JSONDecodeError as error:
+                yield number, _BadRow("invalid_json", str(error))
+            else:
+                if isinstance(row, dict):
+                    yield number, row
+                else:
+                    yield (
+                        number,
+                        _BadRow("invalid_json", f"expected an object, got a {_type_name(row)}"),
+                    )
 
 
 def _has_undecodable(cell: str) -> bool:
@@ -333,31 +337,39 @@ def _has_undecodable(cell: str) -> bool:
 
 def _csv_rows(path: Path, columns) -> Iterator[tuple[int, dict | _BadRow]]:
     """(first line number, {header: cell} or the problem) for each CSV row after the header."""
-    text = _read_bytes(path).decode("utf-8", errors="surrogateescape")
-    reader = csv.reader(io.StringIO(text, newline=""))
-    header = next(reader, None)
-    if header is None or any(_has_undecodable(cell) for cell in header):
-        raise ValueError(f"{path}:1: expected a UTF-8 CSV header row")
-    mapped = {name: columns[name] for name in columns if columns[name]}
-    for name, column in mapped.items():
-        if column not in header:
-            raise ValueError(
-                f"{path}:1: data.columns.{name}={column!r} is not a column; header: {header}"
-            )
-    previous_end = reader.line_num
-    for cells in reader:
-        start, previous_end = previous_end + 1, reader.line_num
-        if not cells:
-            continue
-        if any(_has_undecodable(cell) for cell in cells):
-            yield start, _BadRow("invalid_utf8", "the row holds bytes that are not UTF-8")
-        elif len(cells) != len(header):
-            yield (
-                start,
-                _BadRow("malformed_row", f"{len(cells)} cells but the header has {len(header)}"),
-            )
-        else:
-            yield start, dict(zip(header, cells, strict=True))
+    with _open_binary(path) as binary:
+        reader = csv.reader(
+            io.TextIOWrapper(binary, encoding="utf-8", errors="surrogateescape", newline="")
+        )
+        header = next(reader, None)
+        if header is None or any(_has_undecodable(cell) for cell in header):
+            raise ValueError(f"{path}:1: expected a UTF-8 CSV header row")
+        for name in columns:
+            if columns[name] and columns[name] not in header:
+                raise ValueError(
+                    f"{path}:1: data.columns.{name}={columns[name]!r} is not a column; "
+                    f"header: {header}"
+                )
+        previous_end = reader.line_num
+        while True:
+            try:
+                cells = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as error:  # e.g. a cell over the csv module's size limit
+                start, previous_end = previous_end + 1, reader.line_num
+                yield start, _BadRow("malformed_row", str(error))
+                continue
+            start, previous_end = previous_end + 1, reader.line_num
+            if not cells:
+                continue
+            if any(_has_undecodable(cell) for cell in cells):
+                yield start, _BadRow("invalid_utf8", "the row holds bytes that are not UTF-8")
+            elif len(cells) != len(header):
+                problem = f"{len(cells)} cells but the header has {len(header)}"
+                yield start, _BadRow("malformed_row", problem)
+            else:
+                yield start, dict(zip(header, cells, strict=True))
 
 
 def _parse_rows(rows, path: Path, parse, report: BadRowReport) -> list[Review]:

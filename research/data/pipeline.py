@@ -249,7 +249,9 @@ def load_dataset(
     cfg = ml_collections.ConfigDict(data_cfg.to_dict())
     loaded = load_records(cfg)
     if not loaded.records:
-        raise ValueError(f"data.path={cfg.path!r}: no usable records (report: {loaded.report})")
+        raise ValueError(
+            f"data.path={cfg.path!r}: no usable records; bad rows: {loaded.report.to_dict()}"
+        )
     records = loaded.records
     positions = _split_positions(cfg, loaded)
     if not positions["train"]:
