@@ -1,0 +1,132 @@
+"""``research`` command line (also ``python -m research``).
+
+  research train    --config experiments/configs/NAME.py --workdir DIR [--config.x=y ...]
+  research generate --workdir DIR --split test --out FILE.jsonl [--config.sampling.x=y ...]
+  research generate --workdir DIR --text "conditioning text"
+  research evaluate --workdir DIR --split test [--config.x=y ...]
+  research ablate   --config experiments/configs/ablation_NAME.py --workdir DIR
+  research data stats --config experiments/configs/NAME.py
+  research params   --config experiments/configs/NAME.py
+  research bench    [--only NAME] [--json FILE] [--smoke]
+  research demo     [--workdir DIR]
+
+Each command's heavy imports happen inside it, so ``research --help`` answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="research",
+        description="Encoder-conditioned review generation (JAX/Flax).",
+        epilog="Config keys are overridden as --config.KEY=VALUE, e.g. --config.train.steps=50.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train (or resume) a run in a workdir")
+    p.add_argument("--config", required=True, help="experiments/configs/NAME.py")
+    p.add_argument("--workdir", required=True)
+
+    p = sub.add_parser("generate", help="write generated reviews for a split, or for one text")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--split", default="test")
+    p.add_argument("--out", help="JSON lines output file (one object per input)")
+    p.add_argument("--text", help="generate for this one conditioning text instead of a split")
+    p.add_argument("--user", default="", help="with --text: the user id (id_prompt)")
+    p.add_argument("--item", default="", help="with --text: the item id (id_prompt)")
+
+    p = sub.add_parser("evaluate", help="generate a split and compute the field's metrics")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--split", default="test")
+
+    p = sub.add_parser("ablate", help="train and evaluate a grid of conditioning methods x seeds")
+    p.add_argument("--config", required=True)
+    p.add_argument("--workdir", required=True)
+
+    p = sub.add_parser("data", help="data utilities")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    stats = data_sub.add_parser("stats", help="users, items, split sizes, lengths, bad rows")
+    stats.add_argument("--config", default=None)
+
+    p = sub.add_parser("params", help="print the parameter summary of a config's model")
+    p.add_argument("--config", default=None)
+
+    p = sub.add_parser("bench", help="speed benchmarks side by side with PyTorch")
+    p.add_argument("--only", action="append", help="run only this measurement (repeatable)")
+    p.add_argument("--json", help="write JSON lines here")
+    p.add_argument("--smoke", action="store_true", help="tiny shapes: checks it runs, fast")
+
+    p = sub.add_parser("demo", help="the README's main job on the synthetic corpus")
+    p.add_argument("--workdir", default="runs/demo")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from research.config import ConfigError, split_overrides
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        rest, overrides = split_overrides(argv)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    args = _parser().parse_args(rest)
+    try:
+        return _dispatch(args, overrides, argv) or 0
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args, overrides, argv) -> int | None:
+    from research.config import load_config
+
+    if args.command == "train":
+        from research.train.loop import train
+
+        cfg = load_config(args.config, overrides)
+        train(cfg, args.workdir, ["research", *argv])
+    elif args.command == "generate":
+        from research.eval.evaluate import generate_command
+
+        return generate_command(args, overrides)
+    elif args.command == "evaluate":
+        from research.eval.evaluate import evaluate_run
+
+        evaluate_run(args.workdir, args.split, overrides)
+    elif args.command == "ablate":
+        from research.eval.ablate import run_ablation
+
+        run_ablation(args.config, args.workdir, overrides)
+    elif args.command == "data":
+        from research.data.stats import data_stats
+
+        print(data_stats(load_config(args.config, overrides).data))
+    elif args.command == "params":
+        import jax
+
+        from research.data.pipeline import load_dataset
+        from research.models.build import build_generator
+        from research.models.generator import parameter_summary
+
+        cfg = load_config(args.config, overrides)
+        dataset = load_dataset(cfg.data)
+        _, params = build_generator(cfg, dataset.num_users, dataset.num_items, jax.random.key(0))
+        print(parameter_summary(params, tuple(cfg.train.trainable)))
+    elif args.command == "bench":
+        from research.bench import run_bench
+
+        run_bench(only=args.only, json_path=args.json, smoke=args.smoke)
+    elif args.command == "demo":
+        from research.demo import run_demo
+
+        run_demo(args.workdir, overrides)
+    return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

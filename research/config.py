@@ -1,0 +1,303 @@
+"""Experiment configs: defaults, loading a config file, command-line overrides, validation.
+
+A config file (``experiments/configs/NAME.py``) defines ``get_config()`` that starts from
+:func:`default_config` and changes what the experiment needs. The command line then overrides
+single keys in the JAX convention, ``--config.train.steps=50``. Everything is checked before
+any model is built or compiled: unknown keys (with a "did you mean"), wrong types, invalid
+choices (listing the valid ones) and out-of-range numbers, always naming the key.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+
+from research.data.config import data_config, validate_data_config
+from research.models.conditioning import POOLINGS, VALID_CONDITIONINGS, parse_conditioning
+from research.models.generator import GROUPS
+from research.sampling import SamplingConfig, sampling_config
+from research.train.optim import SCHEDULES
+
+DTYPES = ("float32", "bfloat16")
+ATTENTION_IMPLS = ("", "xla", "cudnn")
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Every setting with its default: a small GPT-2 from scratch, MiniLM encoder, prefix."""
+    cfg = ml_collections.ConfigDict()
+    cfg.seed = 0
+    cfg.data = data_config()
+
+    cfg.model = ml_collections.ConfigDict()
+    # One of research.models.conditioning.VALID_CONDITIONINGS, e.g. "prefix+id_prompt".
+    cfg.model.conditioning = "prefix"
+    cfg.model.prefix_length = 4
+    cfg.model.pooling = "mean"  # how prefix/additive summarise the encoder: cls or mean
+    cfg.model.cross_attention_every = 1  # cross-attention in every n-th decoder block
+    cfg.model.dtype = "float32"  # compute dtype; parameters stay float32
+    cfg.model.attention_impl = ""  # "" lets JAX choose; "cudnn" for fused GPU attention
+    # Architectures used when init.decoder / init.encoder are empty (trained from scratch).
+    cfg.model.decoder = ml_collections.ConfigDict(
+        {
+            "vocab_size": 50257,
+            "n_positions": 64,
+            "n_embd": 128,
+            "n_layer": 2,
+            "n_head": 4,
+            "resid_pdrop": 0.1,
+            "embd_pdrop": 0.1,
+            "attn_pdrop": 0.1,
+        }
+    )
+    cfg.model.encoder = ml_collections.ConfigDict(
+        {
+            "vocab_size": 30522,
+            "hidden_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "intermediate_size": 512,
+            "max_position_embeddings": 512,
+            "hidden_dropout_prob": 0.1,
+            "attention_probs_dropout_prob": 0.1,
+        }
+    )
+
+    # Hugging Face folders to start from. encoder "minilm" = all-MiniLM-L6-v2 from its package.
+    cfg.init = ml_collections.ConfigDict({"decoder": "", "encoder": "minilm"})
+
+    cfg.train = ml_collections.ConfigDict()
+    cfg.train.steps = 1000
+    cfg.train.batch_size = 32  # global batch, over all devices and accumulation steps
+    cfg.train.accum_steps = 1
+    cfg.train.learning_rate = 1e-3
+    cfg.train.warmup_steps = 50
+    cfg.train.schedule = "cosine"
+    cfg.train.end_lr_fraction = 0.0
+    cfg.train.weight_decay = 0.01
+    cfg.train.clip_norm = 1.0
+    cfg.train.trainable = ("encoder", "decoder", "conditioning")
+    # PEPLER's schedule: first only stage1_trainable, until validation loss stops improving
+    # for `patience` evaluations or `stage1_max_steps` steps, then train.trainable.
+    cfg.train.two_stage = False
+    cfg.train.stage1_trainable = ("conditioning",)
+    cfg.train.stage1_max_steps = 500
+    cfg.train.stage1_patience = 2
+    cfg.train.eval_every = 200
+    cfg.train.eval_batch_size = 64
+    cfg.train.max_eval_batches = 0  # 0 = the whole validation split
+    cfg.train.log_every = 10
+    cfg.train.checkpoint_every = 200
+    cfg.train.keep_checkpoints = 2
+    cfg.train.tensorboard = True
+
+    cfg.sampling = sampling_config()
+
+    cfg.eval = ml_collections.ConfigDict()
+    cfg.eval.split = "test"
+    cfg.eval.max_examples = 0  # 0 = all
+    cfg.eval.checkpoint = "best"  # best | latest
+
+    # Multi-host: empty / -1 means "from the environment" (SLURM, TPU) or single process.
+    cfg.distributed = ml_collections.ConfigDict(
+        {"coordinator_address": "", "num_processes": 0, "process_id": -1}
+    )
+    return cfg
+
+
+CHOICES: dict[str, tuple] = {
+    "model.conditioning": VALID_CONDITIONINGS,
+    "model.pooling": POOLINGS,
+    "model.dtype": DTYPES,
+    "model.attention_impl": ATTENTION_IMPLS,
+    "train.schedule": SCHEDULES,
+    "eval.checkpoint": ("best", "latest"),
+    "eval.split": ("train", "validation", "test"),
+}
+
+POSITIVE = (
+    "train.steps",
+    "train.batch_size",
+    "train.accum_steps",
+    "train.learning_rate",
+    "train.eval_every",
+    "train.eval_batch_size",
+    "train.log_every",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "model.prefix_length",
+    "model.cross_attention_every",
+)
+NON_NEGATIVE = (
+    "train.warmup_steps",
+    "train.weight_decay",
+    "train.clip_norm",
+    "train.end_lr_fraction",
+    "train.max_eval_batches",
+    "train.stage1_max_steps",
+    "eval.max_examples",
+)
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the key."""
+
+
+def get(cfg: ml_collections.ConfigDict, dotted: str) -> Any:
+    node = cfg
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def _keys(cfg: ml_collections.ConfigDict, prefix: str = "") -> set[str]:
+    out = set()
+    for key, value in cfg.items():
+        name = f"{prefix}{key}"
+        out.add(name)
+        if isinstance(value, ml_collections.ConfigDict):
+            out |= _keys(value, name + ".")
+    return out
+
+
+def _unknown_key_error(key: str, known: Iterable[str]) -> ConfigError:
+    close = difflib.get_close_matches(key, sorted(known), n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    return ConfigError(f"config key {key!r} does not exist{hint}")
+
+
+def validate(cfg: ml_collections.ConfigDict) -> None:
+    """Raise :class:`ConfigError` for the first problem, naming its key."""
+    known = _keys(default_config())
+    for key in sorted(_keys(cfg) - known):
+        if not key.startswith(("data.columns.", "model.decoder.", "model.encoder.")):
+            raise _unknown_key_error(key, known)
+    for key, valid in CHOICES.items():
+        if get(cfg, key) not in valid:
+            shown = list(valid) if len(valid) < 30 else list(valid[:8]) + ["..."]
+            raise ConfigError(f"{key}={get(cfg, key)!r} is not valid; valid choices: {shown}")
+    for key in POSITIVE:
+        value = get(cfg, key)
+        if not isinstance(value, int | float) or value <= 0:
+            raise ConfigError(f"{key}={value!r} must be a positive number")
+    for key in NON_NEGATIVE:
+        value = get(cfg, key)
+        if not isinstance(value, int | float) or value < 0:
+            raise ConfigError(f"{key}={value!r} must be >= 0")
+    for key in ("train.trainable", "train.stage1_trainable"):
+        groups = tuple(get(cfg, key))
+        if not groups or set(groups) - set(GROUPS):
+            raise ConfigError(f"{key}={groups!r}: choose a non-empty subset of {list(GROUPS)}")
+    try:
+        parse_conditioning(cfg.model.conditioning)
+        validate_data_config(cfg.data)
+        SamplingConfig.from_config(cfg.sampling)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    if cfg.train.batch_size % cfg.train.accum_steps:
+        raise ConfigError(
+            f"train.batch_size={cfg.train.batch_size} is not divisible by "
+            f"train.accum_steps={cfg.train.accum_steps}"
+        )
+
+
+def parse_value(text: str) -> Any:
+    """Command-line text -> Python value: numbers, booleans, tuples; anything else a string."""
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def apply_override(cfg: ml_collections.ConfigDict, dotted: str, text: str) -> None:
+    """Set ``cfg.<dotted>`` from command-line text, keeping the default's type."""
+    parts = dotted.split(".")
+    node = cfg
+    for i, part in enumerate(parts):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            raise _unknown_key_error(dotted, _keys(cfg))
+        if i < len(parts) - 1:
+            node = node[part]
+    key, old, value = parts[-1], node[parts[-1]], parse_value(text)
+    if isinstance(old, str) and not isinstance(value, str):
+        value = text  # e.g. a folder named "123"
+    elif isinstance(old, bool) != isinstance(value, bool) and old is not None:
+        raise ConfigError(f"config.{dotted}: expected {type(old).__name__}, got {text!r}")
+    elif isinstance(old, float) and isinstance(value, int):
+        value = float(value)
+    elif isinstance(old, tuple | list) and isinstance(value, str):
+        value = (value,)
+    elif isinstance(old, tuple | list) and isinstance(value, list | tuple):
+        value = tuple(value)
+    elif old is not None and not isinstance(value, type(old)):
+        raise ConfigError(
+            f"config.{dotted}: expected {type(old).__name__} like {old!r}, got {text!r}"
+        )
+    with node.unlocked():
+        node[key] = value
+
+
+def split_overrides(argv: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """Separate ``--config.a.b=value`` (or ``--config.a.b value``) from other arguments."""
+    rest, overrides, i = [], [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--config."):
+            if "=" in arg:
+                key, value = arg[len("--config.") :].split("=", 1)
+            elif i + 1 < len(argv):
+                key, value = arg[len("--config.") :], argv[i + 1]
+                i += 1
+            else:
+                raise ConfigError(f"{arg} has no value; write {arg}=VALUE")
+            overrides.append((key, value))
+        else:
+            rest.append(arg)
+        i += 1
+    return rest, overrides
+
+
+def load_config_file(path: str | Path) -> ml_collections.ConfigDict:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    spec = importlib.util.spec_from_file_location(f"research_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"{path} defines no get_config()")
+    return module.get_config()
+
+
+def load_config(
+    path: str | Path | None, overrides: Iterable[tuple[str, str]] = ()
+) -> ml_collections.ConfigDict:
+    """The config of ``path`` (default: :func:`default_config`) with overrides, validated."""
+    cfg = load_config_file(path) if path else default_config()
+    for key, value in overrides:
+        apply_override(cfg, key, value)
+    validate(cfg)
+    return cfg
+
+
+def from_json_dict(raw: dict[str, Any]) -> ml_collections.ConfigDict:
+    """A resolved config saved in a workdir (run.json) back as a validated ConfigDict."""
+    cfg = ml_collections.ConfigDict(_tuples(raw))
+    validate(cfg)
+    return cfg
+
+
+def _tuples(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _tuples(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return tuple(_tuples(v) for v in value)
+    return value

@@ -1,0 +1,67 @@
+"""Build the generator a config describes: architectures, pretrained parts, parameters."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from research import assets
+from research.models.bert import BertConfig
+from research.models.conditioning import needs_encoder, parse_conditioning
+from research.models.generator import Generator, GeneratorSpec, init_generator, load_part
+from research.models.gpt2 import GPT2Config
+from research.models.hf import read_config
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def _folder(name: str) -> str:
+    return str(assets.minilm_folder()) if name == "minilm" else name
+
+
+def _architecture(folder: str, scratch: ml_collections.ConfigDict, cls: type, key: str):
+    if folder:
+        _, config = read_config(_folder(folder))
+        if not isinstance(config, cls):
+            raise ValueError(f"init.{key}={folder!r} holds a {config.model_type} model")
+        return config
+    return cls.from_dict(scratch.to_dict(), source=f"model.{key}")
+
+
+def build_generator(
+    cfg: ml_collections.ConfigDict, num_users: int, num_items: int, rng: jax.Array | None = None
+) -> tuple[Generator, dict[str, Any] | None]:
+    """``(model, params)`` for ``cfg.model``/``cfg.init``; params are None when ``rng`` is.
+
+    Pretrained folders (``init.decoder``, ``init.encoder``) fix their architecture and, with
+    ``rng``, their weights; otherwise ``model.decoder``/``model.encoder`` describe a network
+    trained from scratch.
+    """
+    methods = parse_conditioning(cfg.model.conditioning)
+    uses_encoder = needs_encoder(methods)
+    spec = GeneratorSpec(
+        decoder=_architecture(cfg.init.decoder, cfg.model.decoder, GPT2Config, "decoder"),
+        encoder=(
+            _architecture(cfg.init.encoder, cfg.model.encoder, BertConfig, "encoder")
+            if uses_encoder
+            else None
+        ),
+        conditioning=methods,
+        prefix_length=cfg.model.prefix_length,
+        pooling=cfg.model.pooling,
+        cross_attention_every=cfg.model.cross_attention_every,
+        num_users=num_users,
+        num_items=num_items,
+    )
+    model = Generator(spec, DTYPES[cfg.model.dtype], cfg.model.attention_impl or None)
+    if rng is None:
+        return model, None
+    pretrained = {}
+    if cfg.init.decoder:
+        pretrained["decoder"] = load_part(_folder(cfg.init.decoder), "gpt2")[1]
+    if cfg.init.encoder and uses_encoder:
+        pretrained["encoder"] = load_part(_folder(cfg.init.encoder), "bert")[1]
+    return model, init_generator(model, rng, pretrained)

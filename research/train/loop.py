@@ -1,0 +1,280 @@
+"""The training loop: data -> pmapped steps -> evaluation -> checkpoints, resumable to the bit.
+
+``train(cfg, workdir)`` is what ``research train`` runs. Running it again on the same workdir
+resumes from the latest checkpoint: parameters, optimizer state, step, the data iterator's
+position and the two-stage schedule's progress all come back, and dropout keys depend only on
+(seed, step, device), so an interrupted run ends bitwise equal to an uninterrupted one.
+
+SIGTERM/SIGINT finish the current step, save, and return normally. A non-finite loss raises
+:class:`TrainingDiverged` naming the step, without saving over the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import signal
+import time
+from pathlib import Path
+
+import jax
+import ml_collections
+from flax import jax_utils
+from tqdm.auto import tqdm
+
+from research.data.pipeline import Dataset, load_dataset
+from research.models.build import build_generator
+from research.models.generator import parameter_summary
+from research.train import distributed
+from research.train.checkpoint import Checkpointer
+from research.train.optim import learning_rate_schedule, make_optimizer, trainable_labels
+from research.train.run_log import MetricsLog, read_metrics, run_record, write_json
+from research.train.steps import init_state, make_eval_step, make_train_step, shard
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the message names the step."""
+
+
+@dataclasses.dataclass
+class Progress:
+    """Everything besides arrays that a checkpoint must restore (saved as JSON ``meta``)."""
+
+    stage: int = 2  # 1 = PEPLER's first stage (only stage1_trainable), 2 = the final regime
+    best_val_loss: float | None = None
+    evals_without_improvement: int = 0
+    data: dict[str, int] = dataclasses.field(default_factory=dict)
+
+
+def _trainable(cfg: ml_collections.ConfigDict, stage: int) -> tuple[str, ...]:
+    return tuple(cfg.train.stage1_trainable if stage == 1 else cfg.train.trainable)
+
+
+class _StopRequest:
+    """Turns SIGTERM/SIGINT into a flag the loop checks after each step."""
+
+    def __init__(self):
+        self.signal_name: str | None = None
+
+    def __call__(self, signum, frame):
+        self.signal_name = signal.Signals(signum).name
+
+    @contextlib.contextmanager
+    def installed(self):
+        previous = {s: signal.signal(s, self) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield self
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+
+class Trainer:
+    """Holds one run's pieces; :func:`train` drives it."""
+
+    def __init__(self, cfg: ml_collections.ConfigDict, workdir: Path, dataset: Dataset):
+        self.cfg, self.workdir, self.dataset = cfg, workdir, dataset
+        self.devices = jax.local_device_count()
+        self.processes = jax.process_count()
+        per_process = cfg.train.batch_size // self.processes
+        if per_process * self.processes != cfg.train.batch_size or per_process % (
+            self.devices * cfg.train.accum_steps
+        ):
+            raise ValueError(
+                f"train.batch_size={cfg.train.batch_size} must split evenly over "
+                f"{self.processes} processes x {self.devices} devices x "
+                f"train.accum_steps={cfg.train.accum_steps}"
+            )
+        self.schedule = learning_rate_schedule(
+            cfg.train.learning_rate,
+            cfg.train.steps,
+            cfg.train.warmup_steps,
+            cfg.train.schedule,
+            cfg.train.end_lr_fraction,
+        )
+        root = jax.random.key(cfg.seed)
+        init_key, self.dropout_seed = jax.random.split(root)
+        self.model, self.initial_params = build_generator(
+            cfg, dataset.num_users, dataset.num_items, init_key
+        )
+        self.eval_step = make_eval_step(self.model)
+
+    def optimizer(self, stage: int):
+        return make_optimizer(
+            self.initial_params,
+            _trainable(self.cfg, stage),
+            self.schedule,
+            weight_decay=self.cfg.train.weight_decay,
+            clip_norm=self.cfg.train.clip_norm or None,
+        )
+
+    def train_step(self, stage: int, tx):
+        labels = trainable_labels(self.initial_params, _trainable(self.cfg, stage))
+        return make_train_step(self.model, tx, labels, self.schedule)
+
+    def evaluate(self, params_replicated, split: str = "validation") -> float:
+        """Mean per-token loss over ``split`` (or its first max_eval_batches batches)."""
+        batches = self.dataset.eval_iterator(
+            split, self.cfg.train.eval_batch_size, jax.process_index(), self.processes
+        )
+        total = count = 0.0
+        for i, batch in enumerate(batches):
+            if self.cfg.train.max_eval_batches and i >= self.cfg.train.max_eval_batches:
+                break
+            batch = {k: v for k, v in batch.items() if k != "example"}
+            t, c = self.eval_step(params_replicated, shard(batch, self.devices))
+            total, count = total + float(t[0]), count + float(c[0])
+        return total / max(count, 1.0)
+
+
+def _host(tree):
+    return jax.device_get(jax_utils.unreplicate(tree))
+
+
+def _truncate_metrics(workdir: Path, step: int) -> None:
+    """Drop metric rows past ``step``: they belong to steps a killed run will redo."""
+    rows = [r for r in read_metrics(workdir) if r["step"] <= step]
+    path = workdir / "metrics.jsonl"
+    if path.exists():
+        tmp = path.with_name(".metrics.jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        tmp.replace(path)
+
+
+def train(cfg: ml_collections.ConfigDict, workdir: str | Path, command: list[str] | None = None):
+    """Train (or resume) the run of ``cfg`` in ``workdir``; returns a summary dict."""
+    distributed.initialize(cfg.distributed)
+    workdir = Path(workdir)
+    primary = distributed.is_primary()
+    if primary:
+        workdir.mkdir(parents=True, exist_ok=True)
+        write_json(workdir / "run.json", run_record(cfg, command))
+    dataset = load_dataset(cfg.data, workdir if primary else None)
+    trainer = Trainer(cfg, workdir, dataset)
+    checkpoints = Checkpointer(
+        workdir, keep_last=cfg.train.keep_checkpoints, save_every=cfg.train.checkpoint_every
+    )
+    progress = Progress(stage=1 if cfg.train.two_stage else 2)
+    data = dataset.train_iterator(
+        cfg.train.batch_size, cfg.seed, jax.process_index(), trainer.processes
+    )
+    start = checkpoints.latest_step()
+    if start is not None:
+        # The optimizer state's structure depends on the stage, so read it first.
+        progress.stage = checkpoints.restore_meta(start)["progress"]["stage"]
+    tx = trainer.optimizer(progress.stage)
+    state = init_state(trainer.initial_params, tx)
+    if start is not None:
+        state, meta = checkpoints.restore(start, target=state)
+        progress = Progress(**meta["progress"])
+        data.restore(progress.data)
+        if primary:
+            _truncate_metrics(workdir, start)
+            print(f"Resuming {workdir} from step {start} (stage {progress.stage}).")
+    elif primary:
+        print(parameter_summary(trainer.initial_params, _trainable(cfg, progress.stage)))
+    return _run(cfg, workdir, trainer, checkpoints, progress, data, tx, state)
+
+
+def _run(cfg, workdir, trainer, checkpoints, progress, data, tx, state):
+    primary = distributed.is_primary()
+    log = MetricsLog(workdir, primary, cfg.train.tensorboard)
+    step_fn = trainer.train_step(progress.stage, tx)
+    state = jax_utils.replicate(state)
+    seed_key = jax_utils.replicate(trainer.dropout_seed)
+    step = int(_host(state["step"]))
+    stop = _StopRequest()
+    bar = tqdm(total=cfg.train.steps, initial=step, disable=not primary, desc="train", unit="step")
+    window_tokens, window_start, last_loss = 0.0, time.perf_counter(), float("nan")
+
+    def save(force: bool, val_loss: float | None = None) -> None:
+        progress.data = data.state()
+        checkpoints.save(
+            step,
+            _host(state),
+            {"progress": dataclasses.asdict(progress), "seed": cfg.seed},
+            val_loss=val_loss,
+            force=force,
+        )
+
+    with stop.installed():
+        while step < cfg.train.steps:
+            batch = next(data)
+            batch = {k: v for k, v in batch.items() if k != "example"}
+            state, metrics = step_fn(
+                state, shard(batch, trainer.devices, cfg.train.accum_steps), seed_key
+            )
+            step += 1
+            last_loss = float(metrics["loss"][0])
+            if not math.isfinite(last_loss):
+                bar.close()
+                good = checkpoints.latest_step()
+                raise TrainingDiverged(
+                    f"loss is {last_loss} at step {step}; stopping. The last good checkpoint is "
+                    f"step {good} in {checkpoints.directory}"
+                    if good is not None
+                    else f"loss is {last_loss} at step {step}; stopping (no checkpoint yet)"
+                )
+            window_tokens += float(metrics["tokens"][0])
+            bar.update(1)
+            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                elapsed = time.perf_counter() - window_start
+                tokens_per_s = window_tokens / max(elapsed, 1e-9)
+                lr = float(metrics["learning_rate"][0])
+                bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{tokens_per_s:,.0f}")
+                log.write(
+                    step,
+                    "train",
+                    {
+                        "loss": last_loss,
+                        "perplexity": math.exp(min(last_loss, 50.0)),
+                        "learning_rate": lr,
+                        "tokens_per_s": tokens_per_s,
+                        "grad_norm": float(metrics["grad_norm"][0]),
+                    },
+                )
+                window_tokens, window_start = 0.0, time.perf_counter()
+            val_loss = None
+            if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
+                val_loss = trainer.evaluate(state["params"])
+                log.write(
+                    step,
+                    "validation",
+                    {"loss": val_loss, "perplexity": math.exp(min(val_loss, 50.0))},
+                )
+                improved = progress.best_val_loss is None or val_loss < progress.best_val_loss
+                progress.best_val_loss = val_loss if improved else progress.best_val_loss
+                progress.evals_without_improvement = (
+                    0 if improved else progress.evals_without_improvement + 1
+                )
+            save(force=step == cfg.train.steps, val_loss=val_loss)
+            if progress.stage == 1 and (
+                step >= cfg.train.stage1_max_steps
+                or progress.evals_without_improvement >= cfg.train.stage1_patience
+            ):
+                save(force=True, val_loss=val_loss)  # the switch point is a resume point
+                progress.stage, progress.evals_without_improvement = 2, 0
+                tx = trainer.optimizer(2)
+                params = _host(state["params"])
+                fresh = init_state(params, tx)
+                fresh["step"] = _host(state["step"])
+                state = jax_utils.replicate(fresh)
+                step_fn = trainer.train_step(2, tx)
+                if primary:
+                    tqdm.write(f"step {step}: stage 2, training {_trainable(cfg, 2)}")
+            if stop.signal_name:
+                save(force=True)
+                bar.close()
+                checkpoints.close()
+                log.close()
+                message = f"{stop.signal_name} received: saved step {step} in {checkpoints.directory}; rerun the same command to resume."
+                if primary:
+                    print(message)
+                return {"step": step, "stopped_by": stop.signal_name, "loss": last_loss}
+    save(force=True)
+    bar.close()
+    checkpoints.close()
+    log.close()
+    return {"step": step, "loss": last_loss, "best_val_loss": progress.best_val_loss}
