@@ -319,7 +319,10 @@ class GPT2LMHead(nn.Module):
         if embed_offset is not None:
             x = x + embed_offset[:, None, :].astype(x.dtype)
         # Which keys exist: this call's [prefix +] tokens, or every cache slot when decoding.
-        key_valid = jnp.ones((batch, seq), jnp.int32) if attention_mask is None else attention_mask
+        if attention_mask is None:
+            n_keys = seq if cache is None else cache["self"][0][0].shape[1]
+            attention_mask = jnp.ones((batch, n_keys), jnp.int32)
+        key_valid = attention_mask
         if prefix_embeds is not None:
             x = jnp.concatenate([prefix_embeds.astype(x.dtype), x], axis=1)
             if cache is None:
