@@ -59,6 +59,25 @@ def test_left_and_right_padding_agree(tiny_gpt2, gpt2_batches):
     assert max_abs_diff(right, left) < PARITY_TOL
 
 
+def test_config_variants_match_pytorch(gpt2_batches, tmp_path, torch_gpt2_logits):
+    """The config fields that change the computation are honoured: inner width, activation,
+    per-layer attention scaling, LayerNorm epsilon."""
+    variant = dict(
+        TINY_GPT2,
+        n_inner=80,
+        activation_function="gelu",
+        scale_attn_by_inverse_layer_idx=True,
+        layer_norm_epsilon=1e-2,
+    )
+    reference = randomise_(transformers.GPT2LMHeadModel(transformers.GPT2Config(**variant)), 3)
+    reference.save_pretrained(tmp_path)
+    model, params = hf.load_pretrained(tmp_path)
+    ids, mask = gpt2_batches["left"]
+    logits = apply_model(model, params, ids, mask)
+    expected = torch_gpt2_logits(reference, mask, input_ids=ids)
+    assert max_abs_diff(valid(logits, mask), valid(expected, mask)) < PARITY_TOL
+
+
 @pytest.mark.parametrize(
     "name, hf_kwargs",
     [
@@ -161,6 +180,21 @@ def test_kv_cache_decoding_matches_pytorch_full_forward(
     decoded = np.concatenate(steps, axis=1)
     expected = torch_gpt2_logits(tiny_gpt2_torch, full_mask, input_ids=full_ids)
     assert max_abs_diff(valid(decoded, full_mask), valid(expected, full_mask)) < PARITY_TOL
+
+
+def test_kv_cache_without_mask_matches_pytorch(tiny_gpt2, tiny_gpt2_torch, gpt2_batches):
+    """No attention_mask: every cache slot counts as a real token."""
+    model, params = tiny_gpt2
+    ids = gpt2_batches["right"][0][:, :8]
+    cache = init_cache(model.config, batch=4, max_len=8)
+    first, cache = apply_model(model, params, ids[:, :6], cache=cache, cache_index=0)
+    steps = [first]
+    for t in (6, 7):
+        step, cache = apply_model(model, params, ids[:, t : t + 1], cache=cache, cache_index=t)
+        steps.append(step)
+    with torch.no_grad():
+        expected = tiny_gpt2_torch(input_ids=torch.as_tensor(ids).long()).logits.numpy()
+    assert max_abs_diff(np.concatenate(steps, axis=1), expected) < PARITY_TOL
 
 
 def test_kv_cache_with_prefix_matches_pytorch(
