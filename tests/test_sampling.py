@@ -1,0 +1,289 @@
+"""Decoding (research/sampling.py) against two references.
+
+* The full forward pass: prefill + one-token steps from the KV cache give the same logits as
+  ``Generator.__call__`` on the whole sequence, for every conditioning method.
+* transformers' PyTorch ``generate``: greedy and beam search on a tiny GPT-2 saved by
+  transformers give the same tokens, EOS stopping and padding included.
+
+Devices: the Makefile's XLA_FLAGS gives 4 host devices, so sharded decoding really shards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from research import sampling
+from research.models import hf
+from research.models.bert import BertConfig
+from research.models.generator import Generator, GeneratorSpec, init_generator
+from research.models.gpt2 import GPT2Config
+from tests.conftest import TINY_GPT2, randomise_
+
+PARITY_TOL = 1e-4  # max abs logit difference, float32 (the issue's bar)
+
+# --- A tiny generator with every conditioning method --------------------------------------
+
+DECODER = GPT2Config(
+    vocab_size=97, n_positions=48, n_embd=32, n_layer=2, n_head=4, bos_token_id=96, eos_token_id=96
+)
+ENCODER = BertConfig(
+    vocab_size=50,
+    hidden_size=24,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    intermediate_size=48,
+    max_position_embeddings=32,
+)
+CONDITIONINGS = ("none", "prefix", "cross_attention", "additive", "id_prompt", "prefix+id_prompt")
+
+
+@functools.cache
+def tiny_generator(conditioning: str) -> tuple[Generator, dict]:
+    """A generator with random parameters (LayerNorm scales around 1, the rest around 0), so
+    that zero-initialised conditioning weights (cross-attention output, additive projection)
+    really change the logits. ``init_generator`` gives the tree; numpy fills it (compiling
+    the initialisers would take longer than all the decoding below)."""
+    methods = tuple(conditioning.split("+"))
+    uses_encoder = methods != ("none",) and methods != ("id_prompt",)
+    spec = GeneratorSpec(
+        DECODER,
+        ENCODER if uses_encoder else None,
+        methods,
+        prefix_length=3,
+        cross_attention_every=1,
+        num_users=5,
+        num_items=7,
+    )
+    model = Generator(spec)
+    shapes = jax.eval_shape(functools.partial(init_generator, model), jax.random.key(0))
+    rng = np.random.default_rng(1)
+
+    def draw(path, leaf):
+        centre = 1.0 if jax.tree_util.keystr(path).endswith("['scale']") else 0.0
+        return jnp.asarray(rng.normal(centre, 0.1, leaf.shape), jnp.float32)
+
+    return model, jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+def conditioning_batch(rows: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Encoder inputs (right padded), users and items, example ids ``0..rows-1``."""
+    rng = np.random.default_rng(seed)
+    enc_len = 6
+    lengths = rng.integers(2, enc_len + 1, rows)
+    return {
+        "encoder_ids": rng.integers(1, ENCODER.vocab_size, (rows, enc_len)).astype(np.int32),
+        "encoder_mask": (np.arange(enc_len)[None] < lengths[:, None]).astype(np.int32),
+        "user": rng.integers(0, 5, rows).astype(np.int32),
+        "item": rng.integers(0, 7, rows).astype(np.int32),
+        "example": np.arange(rows, dtype=np.int32),
+    }
+
+
+@pytest.mark.parametrize("conditioning", CONDITIONINGS)
+def test_incremental_decoding_equals_full_forward(conditioning):
+    """Prefill a left-padded prompt, feed the rest one token at a time; every logit agrees."""
+    model, params = tiny_generator(conditioning)
+    assert model.spec.conditioning == tuple(conditioning.split("+"))
+    batch = conditioning_batch(3)
+    seq, prompt_len, lengths = 8, 4, np.array([8, 6, 5])  # padding only inside the prompt
+    rng = np.random.default_rng(1)
+    mask = (np.arange(seq)[None] >= seq - lengths[:, None]).astype(np.int32)
+    ids = np.where(mask, rng.integers(0, DECODER.vocab_size - 1, (3, seq)), DECODER.eos_token_id)
+    forward = jax.jit(model.apply)
+    full = forward({"params": params}, {**batch, "decoder_ids": ids, "decoder_mask": mask})
+
+    conditioning_inputs = {k: v for k, v in batch.items() if k != "example"}
+    prefill = jax.jit(sampling.prefill, static_argnums=(0, 5))
+    step = jax.jit(sampling.decode_step, static_argnums=0)
+    logits, state = prefill(
+        model, params, conditioning_inputs, ids[:, :prompt_len], mask[:, :prompt_len], 4
+    )
+    pieces = [logits]
+    for t in range(prompt_len, seq):
+        logits, state = step(model, params, state, jnp.asarray(ids[:, t]))
+        pieces.append(logits[:, None])
+    incremental = np.concatenate(pieces, axis=1)
+    real = mask.astype(bool)
+    assert np.max(np.abs(incremental[real] - np.asarray(full)[real])) < PARITY_TOL
+    # The conditioning matters: another user/item/encoder input changes the logits.
+    if conditioning != "none":
+        other = forward(
+            {"params": params},
+            {**conditioning_batch(3, seed=5), "decoder_ids": ids, "decoder_mask": mask},
+        )
+        assert np.max(np.abs(np.asarray(other)[real] - np.asarray(full)[real])) > 1e-2
+
+
+# --- Against transformers' generate on a tiny GPT-2 ---------------------------------------
+
+# An EOS id that this random model (seed 1) emits within a few steps for some prompts only.
+HF_EOS = 408
+HF_NEW_TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def hf_pair(tmp_path_factory):
+    """(PyTorch GPT2LMHeadModel, our Generator, its params) for one tiny checkpoint."""
+    config = transformers.GPT2Config(**dict(TINY_GPT2, bos_token_id=HF_EOS, eos_token_id=HF_EOS))
+    torch.manual_seed(0)
+    torch_model = randomise_(transformers.GPT2LMHeadModel(config), seed=1)
+    torch_model.generation_config.pad_token_id = HF_EOS
+    folder = tmp_path_factory.mktemp("tiny_gpt2_eos")
+    torch_model.save_pretrained(folder)
+    decoder, decoder_params = hf.load_pretrained(folder)
+    model = Generator(GeneratorSpec(decoder.config, None, ("none",)))
+    return torch_model, model, {"decoder": decoder_params}
+
+
+@pytest.fixture(scope="module")
+def prompts() -> dict[str, np.ndarray]:
+    """Six left-padded prompts of lengths 5, 3, 1, 4, 2, 5 (pad id = EOS, masked)."""
+    rng = np.random.default_rng(0)
+    lengths, width = (5, 3, 1, 4, 2, 5), 5
+    ids = np.full((len(lengths), width), HF_EOS, np.int32)
+    mask = np.zeros((len(lengths), width), np.int32)
+    for row, n in enumerate(lengths):
+        ids[row, width - n :] = rng.integers(0, HF_EOS, n)
+        mask[row, width - n :] = 1
+    return {"prompt_ids": ids, "prompt_mask": mask, "example": np.arange(len(lengths))}
+
+
+def torch_generate(torch_model, prompts, **kwargs) -> np.ndarray:
+    """transformers' new tokens ``[batch, HF_NEW_TOKENS]``, padded with the pad id."""
+    ids = torch.as_tensor(prompts["prompt_ids"]).long()
+    with torch.no_grad():
+        out = torch_model.generate(
+            ids,
+            attention_mask=torch.as_tensor(prompts["prompt_mask"]).long(),
+            max_new_tokens=HF_NEW_TOKENS,
+            do_sample=False,
+            **kwargs,
+        )
+    new = out[:, ids.shape[1] :].numpy()
+    return np.pad(new, ((0, 0), (0, HF_NEW_TOKENS - new.shape[1])), constant_values=HF_EOS)
+
+
+@pytest.mark.parametrize(
+    "strategy, settings",
+    [
+        ("greedy", {}),
+        ("beam", {"num_beams": 4, "length_penalty": 1.0}),
+        ("greedy", {"no_repeat_ngram_size": 2, "min_new_tokens": 4}),
+        ("beam", {"num_beams": 3, "length_penalty": 2.0, "no_repeat_ngram_size": 3}),
+    ],
+)
+def test_matches_transformers_generate(hf_pair, prompts, strategy, settings):
+    torch_model, model, params = hf_pair
+    expected = torch_generate(torch_model, prompts, **settings)
+    cfg = sampling.SamplingConfig(
+        strategy=strategy, max_new_tokens=HF_NEW_TOKENS, batch_size=8, **settings
+    )
+    # Six rows on four devices: eight rows, two of them padding.
+    ours = sampling.generate(model, params, prompts, cfg)
+    np.testing.assert_array_equal(ours, expected)
+    # EOS really stopped some rows early (then pad), while others ran to the end.
+    lengths = sampling.output_lengths(ours, HF_EOS)
+    assert (lengths < HF_NEW_TOKENS).any() and (lengths == HF_NEW_TOKENS).any()
+
+
+def test_warpers_match_transformers():
+    logits = np.random.default_rng(0).normal(0, 2, (5, 40)).astype(np.float32)
+    for top_k, top_p, temperature in ((0, 0.9, 1.0), (5, 1.0, 0.7), (7, 0.5, 1.3)):
+        cfg = sampling.SamplingConfig(
+            strategy="sample", top_k=top_k, top_p=top_p, temperature=temperature
+        )
+        warpers = [transformers.TemperatureLogitsWarper(temperature)]
+        if top_k:
+            warpers.append(transformers.TopKLogitsWarper(top_k))
+        if top_p < 1:
+            warpers.append(transformers.TopPLogitsWarper(top_p))
+        expected = transformers.LogitsProcessorList(warpers)(None, torch.as_tensor(logits))
+        ours = np.asarray(sampling.warp(jnp.asarray(logits), cfg))
+        np.testing.assert_array_equal(np.isinf(ours), np.isinf(expected.numpy()))
+        kept = ~np.isinf(ours)
+        np.testing.assert_allclose(ours[kept], expected.numpy()[kept], rtol=1e-6)
+
+
+def test_repeated_ngrams_match_transformers():
+    """Unpadded rows with many repeats (vocabulary of 4) against HF's processor."""
+    rng = np.random.default_rng(0)
+    history = rng.integers(0, 4, (6, 10)).astype(np.int32)
+    banned = jax.jit(sampling.repeated_ngram_mask, static_argnums=(3, 4))
+    for n in (1, 2, 3):
+        for length in (2, 5, 10):
+            processor = transformers.NoRepeatNGramLogitsProcessor(n)
+            scores = processor(torch.as_tensor(history[:, :length]), torch.zeros(6, 4))
+            ours = banned(jnp.asarray(history), jnp.ones(history.shape, bool), length, n, 4)
+            np.testing.assert_array_equal(np.asarray(ours), np.isinf(scores.numpy()))
+
+
+# --- Devices, seeds, compilation ---------------------------------------------------------
+
+
+def split_batches(batch: dict[str, np.ndarray], size: int) -> list[dict[str, np.ndarray]]:
+    return [{k: v[i : i + size] for k, v in batch.items()} for i in range(0, 11, size)]
+
+
+def test_four_devices_equal_one():
+    """11 examples in batches of 4 (last one partial) on 4 devices and on 1 device.
+
+    Sampling, since its random streams must not depend on the device either; greedy and beam
+    search run on 4 devices in the transformers comparison above."""
+    assert jax.local_device_count() == 4, (
+        "run with XLA_FLAGS=--xla_force_host_platform_device_count=4"
+    )
+    model, params = tiny_generator("cross_attention")
+    batches = split_batches(conditioning_batch(11), 4)
+    cfg = sampling.SamplingConfig(strategy="sample", max_new_tokens=6, batch_size=4, top_p=0.9)
+    many = list(sampling.generate_batches(model, params, batches, cfg))
+    one = list(sampling.generate_batches(model, params, batches, cfg, devices=jax.devices()[:1]))
+    assert [g.example for g in many] == list(range(11))
+    assert many == one
+
+
+def test_sampling_is_deterministic_per_seed_and_top_k_1_is_greedy():
+    model, params = tiny_generator("id_prompt")
+    batch = conditioning_batch(8)
+
+    def run(**settings):
+        cfg = sampling.SamplingConfig(max_new_tokens=8, batch_size=8, **settings)
+        return sampling.generate(model, params, batch, cfg)
+
+    first = run(strategy="sample", seed=3)
+    np.testing.assert_array_equal(first, run(strategy="sample", seed=3))
+    assert (first != run(strategy="sample", seed=4)).any()
+    np.testing.assert_array_equal(run(strategy="sample", top_k=1), run(strategy="greedy"))
+
+
+def test_compiled_once_for_batches_of_the_same_shape(hf_pair):
+    """Three batches (the last one partial) and a second pass: one trace in all."""
+    _, model, params = hf_pair
+    cfg = sampling.SamplingConfig(max_new_tokens=5, batch_size=4)  # no other test decodes 5
+    batches = [{"example": np.arange(i, min(i + 4, 10))} for i in range(0, 10, 4)]
+    before = sampling.TRACES["greedy"]
+    first = list(sampling.generate_batches(model, params, batches, cfg))
+    second = list(sampling.generate_batches(model, params, batches, cfg))
+    # The seed is an input, not a compile-time constant.
+    list(sampling.generate_batches(model, params, batches, dataclasses.replace(cfg, seed=9)))
+    assert sampling.TRACES["greedy"] - before == 1
+    assert first == second and [g.example for g in first] == list(range(10))
+
+
+def test_sampling_config_round_trip_and_errors():
+    cfg = sampling.sampling_config()
+    cfg.strategy = "beam"
+    assert sampling.SamplingConfig.from_config(cfg).strategy == "beam"
+    with pytest.raises(ValueError, match="sampling.strategy='nucleus'"):
+        sampling.SamplingConfig(strategy="nucleus")
+    with pytest.raises(ValueError, match="sampling.top_p"):
+        sampling.SamplingConfig(top_p=0.0)
+    with pytest.raises(ValueError, match="sampling.beam_size is not a setting"):
+        sampling.SamplingConfig.from_config({"beam_size": 4})
