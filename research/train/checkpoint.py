@@ -288,6 +288,15 @@ class Checkpointer:
         )
         return restored[STATE_ITEM], restored[META_ITEM]
 
+    def restore_meta(self, step: int) -> dict[str, Any]:
+        """Only the ``meta`` dict of ``step`` (e.g. to learn the state's structure first)."""
+        if step not in self._manager.all_steps():
+            raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory}")
+        restored = self._manager.restore(
+            step, args=ocp.args.Composite(**{META_ITEM: ocp.args.JsonRestore()})
+        )
+        return restored[META_ITEM]
+
     def _check_matches(self, step: int, abstract: Any) -> None:
         """Raise naming the key when the saved state differs from ``abstract``.
 
