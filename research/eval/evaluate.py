@@ -1,0 +1,209 @@
+"""Evaluate a trained run: generate a split, score it, write ``eval/<split>/``.
+
+``research evaluate --workdir DIR --split test`` writes ``DIR/eval/test/metrics.json`` (the
+field's metrics, library metrics, perplexity; no timestamps, so the same run evaluates to the
+same file) and ``samples.jsonl`` (user, item, reference, generated, sampling settings).
+``research generate`` writes only samples, or prints the review for one conditioning text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from flax import jax_utils
+
+from research.config import apply_override, from_json_dict, validate
+from research.data import tokenizers
+from research.data.pipeline import Dataset, load_dataset
+from research.eval.metrics import text_metrics
+from research.models.build import build_generator
+from research.models.generator import Generator, init_generator
+from research.sampling import SamplingConfig, generate, generate_for_split
+from research.train.checkpoint import Checkpointer
+from research.train.optim import learning_rate_schedule, make_optimizer
+from research.train.run_log import write_json
+from research.train.steps import init_state, make_eval_step, shard
+
+
+@dataclasses.dataclass
+class LoadedRun:
+    cfg: ml_collections.ConfigDict
+    dataset: Dataset
+    model: Generator
+    params: dict[str, Any]
+    step: int
+
+
+def run_config(workdir: str | Path, overrides: Iterable[tuple[str, str]] = ()):
+    """The resolved config saved in ``workdir/run.json``, with overrides applied."""
+    path = Path(workdir) / "run.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: is {workdir} a training workdir?")
+    cfg = from_json_dict(json.loads(path.read_text())["config"])
+    for key, value in overrides:
+        apply_override(cfg, key, value)
+    validate(cfg)
+    return cfg
+
+
+def restore_params(cfg, workdir: str | Path, model: Generator, which: str = "best"):
+    """Parameters of the best (lowest validation loss) or latest checkpoint -> (params, step)."""
+    checkpoints = Checkpointer(workdir, keep_last=cfg.train.keep_checkpoints)
+    step = checkpoints.best_step() if which == "best" else None
+    step = step if step is not None else checkpoints.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint in {checkpoints.directory}; train first")
+    stage = checkpoints.restore_meta(step)["progress"]["stage"]
+    trainable = cfg.train.stage1_trainable if stage == 1 else cfg.train.trainable
+    params = jax.eval_shape(lambda: init_generator(model, jax.random.key(0)))
+    schedule = learning_rate_schedule(1.0, 1, 0, "constant")
+    tx = make_optimizer(params, tuple(trainable), schedule, clip_norm=cfg.train.clip_norm or None)
+    target = jax.eval_shape(lambda p: init_state(p, tx), params)
+    state, _ = checkpoints.restore(step, target=target)
+    checkpoints.close()
+    return state["params"], step
+
+
+def load_run(workdir: str | Path, overrides=(), which: str | None = None) -> LoadedRun:
+    cfg = run_config(workdir, overrides)
+    dataset = load_dataset(cfg.data)
+    model, _ = build_generator(cfg, dataset.num_users, dataset.num_items)
+    params, step = restore_params(cfg, workdir, model, which or cfg.eval.checkpoint)
+    return LoadedRun(cfg, dataset, model, params, step)
+
+
+def _limited(batches: Iterable[dict], max_examples: int) -> Iterator[dict]:
+    """Batches whose rows past the first ``max_examples`` examples are marked padding."""
+    for batch in batches:
+        if max_examples:
+            batch = dict(batch)
+            batch["example"] = np.where(batch["example"] < max_examples, batch["example"], -1)
+            if (batch["example"] < 0).all():
+                return
+        yield batch
+
+
+def split_perplexity(run: LoadedRun, split: str, max_examples: int = 0) -> float:
+    """exp(mean per-token loss) of the reference targets of ``split``."""
+    devices = jax.local_device_count()
+    step = make_eval_step(run.model)
+    params = jax_utils.replicate(run.params)
+    total = count = 0.0
+    batches = run.dataset.eval_iterator(split, run.cfg.train.eval_batch_size)
+    for batch in _limited(batches, max_examples):
+        batch = dict(batch)
+        keep = (batch.pop("example") >= 0).astype(batch["decoder_mask"].dtype)
+        batch["decoder_mask"] = batch["decoder_mask"] * keep[:, None]
+        t, c = step(params, shard(batch, devices))
+        total, count = total + float(t[0]), count + float(c[0])
+    return math.exp(total / max(count, 1.0))
+
+
+def generate_split(run: LoadedRun, split: str, max_examples: int = 0) -> list[dict[str, Any]]:
+    """One record per example: user, item, reference, generated, sampling settings."""
+    sampling = SamplingConfig.from_config(run.cfg.sampling)
+    data = run.dataset.splits[split]
+    references = run.dataset.reference_texts(split)
+    batches = _limited(run.dataset.eval_iterator(split, sampling.batch_size), max_examples)
+    rows = []
+    for out in generate_for_split(
+        run.model, run.params, batches, run.dataset.decoder_tokenizer, sampling
+    ):
+        record = data.records[out.example]
+        rows.append(
+            {
+                "example": out.example,
+                "user": record.user,
+                "item": record.item,
+                "features": list(record.features),
+                "reference": references[out.example],
+                "generated": out.text,
+                "sampling": dataclasses.asdict(sampling),
+            }
+        )
+    return rows
+
+
+def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+
+
+def evaluate_run(workdir: str | Path, split: str = "test", overrides=()) -> dict[str, float]:
+    """Generate ``split``, compute metrics, write ``workdir/eval/<split>/``; returns metrics."""
+    run = load_run(workdir, overrides)
+    max_examples = run.cfg.eval.max_examples
+    rows = generate_split(run, split, max_examples)
+    train_features = {f for r in run.dataset.splits["train"].records for f in r.features}
+    has_features = bool(train_features)
+    metrics = text_metrics(
+        [r["reference"] for r in rows],
+        [r["generated"] for r in rows],
+        features=[r["features"] for r in rows] if has_features else None,
+        feature_vocab=sorted(train_features) if has_features else None,
+    )
+    metrics["perplexity"] = split_perplexity(run, split, max_examples)
+    metrics["num_examples"] = len(rows)
+    metrics["checkpoint_step"] = run.step
+    out = Path(workdir) / "eval" / split
+    out.mkdir(parents=True, exist_ok=True)
+    write_jsonl(out / "samples.jsonl", rows)
+    write_json(out / "metrics.json", metrics)
+    print(format_metrics(metrics))
+    print(f"Wrote {out / 'metrics.json'} and {out / 'samples.jsonl'}")
+    return metrics
+
+
+MAIN_METRICS = ("bleu1", "bleu4", "rouge_1_f_score", "rouge_2_f_score", "rouge_l_f_score", "usr")
+
+
+def format_metrics(metrics: dict[str, float]) -> str:
+    keys = [k for k in (*MAIN_METRICS, "fmr", "fcr", "div", "perplexity") if k in metrics]
+    return "  ".join(f"{k}={metrics[k]:.3f}" for k in keys)
+
+
+def generate_command(args, overrides) -> int:
+    """``research generate``: a split to JSON lines, or one conditioning text to stdout."""
+    run = load_run(args.workdir, overrides)
+    if args.text is None:
+        if not args.out:
+            raise FileNotFoundError("research generate needs --out FILE.jsonl (or --text TEXT)")
+        rows = generate_split(run, args.split, run.cfg.eval.max_examples)
+        write_jsonl(Path(args.out), rows)
+        print(f"Wrote {len(rows)} generated reviews to {args.out}")
+        return 0
+    print(generate_from_text(run, args.text, args.user, args.item))
+    return 0
+
+
+def generate_from_text(run: LoadedRun, text: str, user: str = "", item: str = "") -> str:
+    """The review the model writes for one conditioning text (and optional user/item ids)."""
+    batch = {
+        "example": np.zeros((1,), np.int32),
+        "user": np.array([run.dataset.user_index.get(user, 0)], np.int32),
+        "item": np.array([run.dataset.item_index.get(item, 0)], np.int32),
+    }
+    if run.model.spec.uses_encoder:
+        tok = tokenizers.encoder_tokenizer(run.cfg.data.encoder_tokenizer or None)
+        enc = tok(
+            text, truncation=True, max_length=run.cfg.data.max_encoder_tokens, return_tensors="np"
+        )
+        batch["encoder_ids"] = enc["input_ids"].astype(np.int32)
+        batch["encoder_mask"] = enc["attention_mask"].astype(np.int32)
+    sampling = SamplingConfig.from_config(run.cfg.sampling)
+    tokens = generate(run.model, run.params, batch, dataclasses.replace(sampling, batch_size=1))
+    eos = run.model.spec.decoder.eos_token_id
+    row = tokens[0].tolist()
+    row = row[: row.index(eos)] if eos in row else row
+    return run.dataset.decoder_tokenizer.decode(row, skip_special_tokens=True).strip()
