@@ -143,7 +143,7 @@ class Checkpointer:
             raise ValueError(f"keep_last={keep_last!r}: must be an integer >= 1")
         if not isinstance(save_every, int) or save_every < 1:
             raise ValueError(f"save_every={save_every!r}: must be an integer >= 1")
-        self.directory = Path(workdir) / "checkpoints"
+        self.directory = Path(workdir).resolve() / "checkpoints"  # Orbax needs absolute paths
         self._async_save = async_save
         self._purge_deleted()  # a kill while emptying it leaves a partial folder behind
 
