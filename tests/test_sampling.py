@@ -21,8 +21,10 @@ import torch
 import transformers
 
 from research import sampling
+from research.data.tokenizers import gpt2_tokenizer
 from research.models import hf
 from research.models.bert import BertConfig
+from research.models.conditioning import VALID_CONDITIONINGS, needs_encoder, parse_conditioning
 from research.models.generator import Generator, GeneratorSpec, init_generator
 from research.models.gpt2 import GPT2Config
 from tests.conftest import TINY_GPT2, randomise_
@@ -42,7 +44,8 @@ ENCODER = BertConfig(
     intermediate_size=48,
     max_position_embeddings=32,
 )
-CONDITIONINGS = ("none", "prefix", "cross_attention", "additive", "id_prompt", "prefix+id_prompt")
+# Every single method, and one combination of two prefixes.
+CONDITIONINGS = tuple(c for c in VALID_CONDITIONINGS if "+" not in c) + ("prefix+id_prompt",)
 
 
 @functools.cache
@@ -51,11 +54,10 @@ def tiny_generator(conditioning: str) -> tuple[Generator, dict]:
     that zero-initialised conditioning weights (cross-attention output, additive projection)
     really change the logits. ``init_generator`` gives the tree; numpy fills it (compiling
     the initialisers would take longer than all the decoding below)."""
-    methods = tuple(conditioning.split("+"))
-    uses_encoder = methods != ("none",) and methods != ("id_prompt",)
+    methods = parse_conditioning(conditioning)
     spec = GeneratorSpec(
         DECODER,
-        ENCODER if uses_encoder else None,
+        ENCODER if needs_encoder(methods) else None,
         methods,
         prefix_length=3,
         cross_attention_every=1,
@@ -91,7 +93,6 @@ def conditioning_batch(rows: int, seed: int = 0) -> dict[str, np.ndarray]:
 def test_incremental_decoding_equals_full_forward(conditioning):
     """Prefill a left-padded prompt, feed the rest one token at a time; every logit agrees."""
     model, params = tiny_generator(conditioning)
-    assert model.spec.conditioning == tuple(conditioning.split("+"))
     batch = conditioning_batch(3)
     seq, prompt_len, lengths = 8, 4, np.array([8, 6, 5])  # padding only inside the prompt
     rng = np.random.default_rng(1)
@@ -263,10 +264,43 @@ def test_sampling_is_deterministic_per_seed_and_top_k_1_is_greedy():
     np.testing.assert_array_equal(run(strategy="sample", top_k=1), run(strategy="greedy"))
 
 
+def test_beam_rows_are_independent_under_every_conditioning():
+    """Beam search repeats each row's prefix, offset and encoder keys/values over its beams and
+    reorders the cache per row: a row decoded with others equals that row decoded alone."""
+    model, params = tiny_generator("prefix+cross_attention+additive+id_prompt")
+    batch = conditioning_batch(3)
+    # This random model repeats one token; banning repeats makes the beams differ.
+    cfg = sampling.SamplingConfig(
+        strategy="beam", num_beams=3, max_new_tokens=6, batch_size=4, no_repeat_ngram_size=1
+    )
+    one_device = jax.devices()[:1]
+    together = sampling.generate(model, params, batch, cfg, devices=one_device)
+    for row in range(3):
+        alone = {k: v[row : row + 1] for k, v in batch.items()}
+        np.testing.assert_array_equal(
+            sampling.generate(model, params, alone, cfg, devices=one_device)[0], together[row]
+        )
+    assert len({tuple(r) for r in together}) == 3  # the conditioning changes the output
+
+
+def test_generate_for_split_drops_padding_rows_and_decodes_text(hf_pair):
+    """Batches as EvalIterator yields them: the last one padded with example -1 rows."""
+    _, model, params = hf_pair
+    cfg = sampling.SamplingConfig(max_new_tokens=5, batch_size=4)
+    batches = [{"example": np.array([0, 1, 2, 3])}, {"example": np.array([4, -1, -1, -1])}]
+    tokenizer = gpt2_tokenizer()
+    out = list(sampling.generate_for_split(model, params, batches, tokenizer, cfg))
+    assert [g.example for g in out] == [0, 1, 2, 3, 4]
+    for g in out:
+        assert HF_EOS not in g.token_ids and len(g.token_ids) <= 5
+        assert g.text == tokenizer.decode(g.token_ids).strip()
+
+
 def test_compiled_once_for_batches_of_the_same_shape(hf_pair):
     """Three batches (the last one partial) and a second pass: one trace in all."""
     _, model, params = hf_pair
-    cfg = sampling.SamplingConfig(max_new_tokens=5, batch_size=4)  # no other test decodes 5
+    cfg = sampling.SamplingConfig(max_new_tokens=5, batch_size=4)
+    sampling._compiled.cache_clear()  # whatever other tests compiled before
     batches = [{"example": np.arange(i, min(i + 4, 10))} for i in range(0, 10, 4)]
     before = sampling.TRACES["greedy"]
     first = list(sampling.generate_batches(model, params, batches, cfg))
