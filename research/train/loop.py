@@ -31,7 +31,7 @@ from research.train import distributed
 from research.train.checkpoint import Checkpointer
 from research.train.optim import learning_rate_schedule, make_optimizer, trainable_labels
 from research.train.run_log import MetricsLog, read_metrics, run_record, write_json
-from research.train.steps import init_state, make_eval_step, make_train_step, shard
+from research.train.steps import init_state, make_eval_step, make_train_step, replicate, shard
 
 
 class TrainingDiverged(RuntimeError):
@@ -182,8 +182,8 @@ def _run(cfg, workdir, trainer, checkpoints, progress, data, tx, state):
     primary = distributed.is_primary()
     log = MetricsLog(workdir, primary, cfg.train.tensorboard)
     step_fn = trainer.train_step(progress.stage, tx)
-    state = jax_utils.replicate(state)
-    seed_key = jax_utils.replicate(trainer.dropout_seed)
+    state = replicate(state, trainer.devices)
+    seed_key = replicate(trainer.dropout_seed, trainer.devices)
     step = int(_host(state["step"]))
     stop = _StopRequest()
     bar = tqdm(total=cfg.train.steps, initial=step, disable=not primary, desc="train", unit="step")
@@ -260,7 +260,7 @@ def _run(cfg, workdir, trainer, checkpoints, progress, data, tx, state):
                 params = _host(state["params"])
                 fresh = init_state(params, tx)
                 fresh["step"] = _host(state["step"])
-                state = jax_utils.replicate(fresh)
+                state = replicate(fresh, trainer.devices)
                 step_fn = trainer.train_step(2, tx)
                 if primary:
                     tqdm.write(f"step {step}: stage 2, training {_trainable(cfg, 2)}")

@@ -14,7 +14,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from research.train.loss import token_loss_sums
 
@@ -117,6 +119,29 @@ def make_eval_step(model: Any) -> Callable:
         return jax.lax.psum(total, AXIS), jax.lax.psum(count, AXIS)
 
     return jax.pmap(step, axis_name=AXIS)
+
+
+def replicate(tree: Any, devices: int) -> Any:
+    """A copy of every leaf on each of the first ``devices`` local devices: ``[devices, ...]``.
+
+    The copies are laid out as the pmapped steps lay out their outputs (one mesh axis named
+    ``AXIS``), so a step called first on replicated state and then on its own output compiles
+    once. ``flax.jax_utils.replicate`` names that axis differently, and the second call compiled
+    the whole train step again.
+    """
+    local = jax.local_devices()[:devices]
+    sharding = NamedSharding(Mesh(np.array(local), (AXIS,)), PartitionSpec(AXIS))
+
+    def put(x):
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(
+                put(jax.random.key_data(x)), impl=jax.random.key_impl(x)
+            )
+        one = jnp.asarray(x)[None]
+        copies = [jax.device_put(one, device) for device in local]
+        return jax.make_array_from_single_device_arrays((devices, *one.shape[1:]), sharding, copies)
+
+    return jax.tree_util.tree_map(put, tree)
 
 
 def shard(batch: dict[str, Any], devices: int, accum_steps: int | None = None) -> dict[str, Any]:
