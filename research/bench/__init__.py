@@ -1,0 +1,474 @@
+"""``research bench``: our speed side by side with Hugging Face's PyTorch models, in one run.
+
+Measurements (``--only NAME``, repeatable):
+
+* ``train_lm``: GPT-2 training step (loss, gradients, clipped AdamW): tokens/s of our pmapped
+  step (``research.train.steps``) and of ``GPT2LMHeadModel`` + ``torch.optim.AdamW``, both from
+  the same weights; model FLOPs utilisation against the matrix-product peak measured in the
+  same run (CPU) or the card's datasheet peak (GPU).
+* ``train_conditioned``: the same with a MiniLM encoder conditioning GPT-2 through
+  cross-attention, against ``EncoderDecoderModel(BertModel, GPT2LMHeadModel)``.
+* ``generate``: greedy decoding, new tokens/s of ``research.sampling.generate`` and of
+  ``GPT2LMHeadModel.generate`` (its KV cache), same weights, every row producing all tokens.
+* ``compile``: seconds from the first call to the first result of the train step and of the
+  sampler, each in a fresh process (nothing cached), next to PyTorch's first call.
+* ``memory``: peak resident memory of a process that trains (first step and a few more),
+  ours and PyTorch's, each in a fresh process.
+
+Every timed measurement warms up, then takes turns (ours, reference, ours, ...) and reports
+medians, so the ratio holds on a busy machine. Output: one JSON line per row (machine, device,
+versions, shapes, dtype, every timing) and a Markdown table on stdout.
+
+Setups: ``cpu`` (float32, GPT-2 124M, batch 8 x 128), ``gpu`` (chosen when JAX's first device
+is a GPU: bfloat16, cuDNN attention, batch 16 x 1024) and ``smoke`` (``--smoke``: a tiny GPT-2
+and BERT, a few seconds; the test suite runs it).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from research.bench import ours, reference
+from research.bench.common import (
+    Setup,
+    card_peak_flops,
+    default_setup_name,
+    environment,
+    interleaved,
+    lm_train_flops_per_token,
+    make_setup,
+    matmul_flops,
+    median,
+    now,
+)
+
+MEASUREMENTS = ("train_lm", "train_conditioned", "generate", "compile", "memory")
+
+
+class Run:
+    """One benchmark run: its setup, and what several measurements share (computed once)."""
+
+    def __init__(self, setup: Setup):
+        self.setup = setup
+        self.device = jax.devices()[0]
+        self.reference_device = reference.device_for(setup)
+        self._peak: dict[str, Any] | None = None
+        self._children: dict[str, dict[str, Any]] = {}
+
+    def peak(self) -> dict[str, Any]:
+        """FLOP/s the MFU figures divide by: the card's datasheet peak on a known GPU, else the
+        faster of ``jnp.dot`` and ``torch.mm`` on square matrices, measured now."""
+        if self._peak is None:
+            self._peak = _matmul_peak(self.setup, self.reference_device)
+            card = (
+                card_peak_flops(self.device.device_kind) if self.device.platform == "gpu" else None
+            )
+            measured = [v for v in (self._peak["jax"], self._peak["torch"]) if v]
+            self._peak["used"] = card or max(measured)
+            self._peak["source"] = "datasheet" if card else "measured matmul"
+        return self._peak
+
+    def child(self, side: str) -> dict[str, Any]:
+        """Results of ``python -m research.bench child SIDE SETUP`` (a fresh process), once.
+
+        The smoke run starts both sides' children together (its timings mean nothing, and the
+        test suite waits for it); real runs start them one after the other.
+        """
+        if side not in self._children:
+            sides = ["ours"] + (["reference"] if self.reference_device is not None else [])
+            parallel = self.setup.name == "smoke"
+            self._children |= _run_children(sides if parallel else [side], self.setup.name)
+        return self._children[side]
+
+
+def _matmul_peak(setup: Setup, torch_device: str | None) -> dict[str, Any]:
+    import torch
+
+    n = 2048 if setup.name != "smoke" else 256
+    if setup.name == "gpu":
+        n = 8192
+    rng = np.random.default_rng(0)
+    a, b = (rng.standard_normal((n, n), dtype=np.float32) for _ in range(2))
+    dtype = setup.jnp_dtype
+    ja, jb = jnp.asarray(a, dtype), jnp.asarray(b, dtype)
+    dot = jax.jit(jnp.dot)
+    runs = {"jax": lambda: dot(ja, jb).block_until_ready()}
+    if torch_device is not None:
+        tdtype = torch.bfloat16 if setup.dtype == "bfloat16" else torch.float32
+        ta, tb = (torch.as_tensor(x, device=torch_device).to(tdtype) for x in (a, b))
+
+        def torch_mm():
+            torch.mm(ta, tb)
+            if torch_device == "cuda":
+                torch.cuda.synchronize()
+
+        runs["torch"] = torch_mm
+    times = interleaved(runs, warmup=2, repeats=7)
+    flops = 2.0 * n**3
+    return {
+        "n": n,
+        "dtype": setup.dtype,
+        "jax": flops / median(times["jax"]),
+        "torch": flops / median(times["torch"]) if "torch" in times else None,
+    }
+
+
+# --- The measurements ---------------------------------------------------------------------------
+
+
+def _speed_row(
+    measurement: str,
+    case: str,
+    tokens: int,
+    times: dict[str, list[float]],
+    shapes: dict[str, Any],
+    **details,
+) -> dict[str, Any]:
+    """A row comparing tokens per second (higher is better)."""
+    ours_tps = tokens / median(times["ours"])
+    ref_tps = tokens / median(times["reference"]) if "reference" in times else None
+    return {
+        "measurement": measurement,
+        "case": case,
+        "unit": "tokens/s",
+        "better": "higher",
+        "ours": ours_tps,
+        "reference": ref_tps,
+        "ratio": ours_tps / ref_tps if ref_tps else None,
+        "shapes": shapes,
+        "seconds": times,
+        **details,
+    }
+
+
+def _mfu(run: Run, flops_per_step: float, times: dict[str, list[float]]) -> dict[str, Any]:
+    peak = run.peak()
+    return {
+        "model_flops_per_step": flops_per_step,
+        "peak_flops": peak["used"],
+        "peak_source": peak["source"],
+        "mfu": {side: flops_per_step / median(t) / peak["used"] for side, t in times.items()},
+    }
+
+
+def _train_compare(run: Run, mine: ours.TrainStep, theirs: reference.TrainStep | None):
+    """Warm up (the first call compiles ours), then take turns; also the first losses."""
+    steps: dict[str, Callable[[], float]] = {"ours": mine}
+    if theirs is not None:
+        steps["reference"] = theirs
+    first_loss = {side: step() for side, step in steps.items()}
+    times = interleaved(steps, max(run.setup.warmup - 1, 0), run.setup.repeats)
+    return times, first_loss
+
+
+def measure_train_lm(run: Run) -> list[dict[str, Any]]:
+    s = run.setup
+    rng = np.random.default_rng(0)
+    torch_model = reference.lm_model(s)
+    params = reference.as_flax_params(torch_model, s)  # both sides start from the same weights
+    batch = ours.lm_batch(s, rng)
+    mine = ours.TrainStep(ours.lm_model(s), params, batch)
+    theirs = None
+    if run.reference_device is not None:
+        theirs = reference.TrainStep(torch_model, batch, s, run.reference_device)
+    times, first_loss = _train_compare(run, mine, theirs)
+    tokens = s.batch * s.seq
+    flops = lm_train_flops_per_token(params, s.decoder, s.seq) * tokens
+    return [
+        _speed_row(
+            "train_lm",
+            f"{s.batch} x {s.seq} tokens",
+            tokens,
+            times,
+            {"batch": s.batch, "seq": s.seq, "vocab": s.decoder.vocab_size},
+            first_loss=first_loss,
+            flops_formula="6 N + 12 L d T per token (N: kernels + tied embedding)",
+            **_mfu(run, flops, times),
+        )
+    ]
+
+
+def measure_train_conditioned(run: Run) -> list[dict[str, Any]]:
+    s = run.setup
+    rng = np.random.default_rng(0)
+    model = ours.conditioned_model(s)
+    params = ours.random_params(model)
+    batch = ours.conditioned_batch(s, rng)
+    mine = ours.TrainStep(model, params, batch)
+    theirs = None
+    if run.reference_device is not None:
+        torch_model = reference.conditioned_model(s)
+        theirs = reference.TrainStep(torch_model, batch, s, run.reference_device)
+    times, first_loss = _train_compare(run, mine, theirs)
+    forward = matmul_flops(lambda p: model.apply({"params": p}, batch), params)
+    return [
+        _speed_row(
+            "train_conditioned",
+            f"{s.batch} x ({s.encoder_seq} encoder + {s.seq} decoder) tokens",
+            s.batch * s.seq,
+            times,
+            {"batch": s.batch, "seq": s.seq, "encoder_seq": s.encoder_seq},
+            first_loss=first_loss,
+            flops_formula="3 x the matrix products of our forward pass (counted on its jaxpr)",
+            **_mfu(run, 3.0 * forward, times),
+        )
+    ]
+
+
+def _keeping(store: dict[str, np.ndarray], side: str, fn: Callable[[], Any]) -> Callable[[], None]:
+    """``fn`` whose latest result is kept in ``store[side]`` (to compare the tokens after)."""
+    return lambda: store.__setitem__(side, np.asarray(fn()))
+
+
+def measure_generate(run: Run) -> list[dict[str, Any]]:
+    s = run.setup
+    torch_model = reference.lm_model(s)
+    params = reference.as_flax_params(torch_model, s)
+    model = ours.lm_model(s, decoding=True)
+    rng = np.random.default_rng(0)
+    rows = []
+    for size in s.generate_batches:
+        # Prompts avoid the EOS id (the last one), as real prompts do.
+        prompt = rng.integers(0, s.decoder.vocab_size - 1, (size, s.prompt), dtype=np.int32)
+        outputs: dict[str, np.ndarray] = {}
+        runs = {"ours": _keeping(outputs, "ours", ours.greedy(model, params, prompt, s.new_tokens))}
+        if run.reference_device is not None:
+            fn = reference.greedy(torch_model, prompt, s.new_tokens, s, run.reference_device)
+            runs["reference"] = _keeping(outputs, "reference", fn)
+        times = interleaved(runs, s.warmup, s.repeats)
+        details = {}
+        if "reference" in outputs:
+            details["same_tokens"] = float((outputs["ours"] == outputs["reference"]).mean())
+        rows.append(
+            _speed_row(
+                "generate",
+                f"batch {size}",
+                size * s.new_tokens,
+                times,
+                {"batch": size, "prompt": s.prompt, "new_tokens": s.new_tokens},
+                strategy="greedy",
+                **details,
+            )
+        )
+    return rows
+
+
+def measure_compile(run: Run) -> list[dict[str, Any]]:
+    mine = run.child("ours")
+    theirs = run.child("reference") if run.reference_device is not None else None
+    rows = []
+    for case, key in (("train step", "train"), ("sampler", "generate")):
+        ours_s = mine[key]["first_result_s"]
+        ref_s = theirs[key]["first_result_s"] if theirs else None
+        rows.append(
+            {
+                "measurement": "compile",
+                "case": case,
+                "unit": "s",
+                "better": "lower",
+                "ours": ours_s,
+                "reference": ref_s,
+                "ratio": ours_s / ref_s if ref_s else None,
+                "shapes": mine[key]["shapes"],
+                # What one more call costs once compiled: the rest of the first call compiled.
+                "ours_next_call_s": mine[key]["next_call_s"],
+                "reference_next_call_s": theirs[key]["next_call_s"] if theirs else None,
+                "note": "fresh process each; PyTorch compiles nothing (its first call is eager)",
+            }
+        )
+    return rows
+
+
+def measure_memory(run: Run) -> list[dict[str, Any]]:
+    mine = run.child("ours")["train"]
+    theirs = run.child("reference")["train"] if run.reference_device is not None else None
+    ref_mib = theirs["peak_rss_mib"] if theirs else None
+    return [
+        {
+            "measurement": "memory",
+            "case": f"training, {mine['steps']} steps",
+            "unit": "MiB peak RSS",
+            "better": "lower",
+            "ours": mine["peak_rss_mib"],
+            "reference": ref_mib,
+            "ratio": mine["peak_rss_mib"] / ref_mib if ref_mib else None,
+            "shapes": mine["shapes"],
+            "ours_device_peak_bytes": mine.get("device_peak_bytes"),
+            "note": "fresh process each, whole-process peak (imports, compilation included)",
+        }
+    ]
+
+
+MEASURE: dict[str, Callable[[Run], list[dict[str, Any]]]] = {
+    "train_lm": measure_train_lm,
+    "train_conditioned": measure_train_conditioned,
+    "generate": measure_generate,
+    "compile": measure_compile,
+    "memory": measure_memory,
+}
+
+
+# --- Targets ---------------------------------------------------------------------------------
+
+
+def target_for(
+    setup: str, measurement: str, case: str
+) -> tuple[str, Callable[[dict], bool]] | None:
+    """The issue's target for a row of a ``cpu``/``gpu`` run: (text, check), or None."""
+    if setup == "cpu":
+        if measurement == "train_lm":
+            return ">= 1.25x", lambda r: r["ratio"] is not None and r["ratio"] >= 1.25
+        if measurement == "generate" and case == "batch 1":
+            return ">= 1.5x", lambda r: r["ratio"] is not None and r["ratio"] >= 1.5
+        if measurement == "generate" and case == "batch 16":
+            return ">= 3x", lambda r: r["ratio"] is not None and r["ratio"] >= 3.0
+    if setup in ("cpu", "gpu") and measurement == "compile":
+        return "< 10 s", lambda r: r["ours"] < 10.0
+    if setup == "gpu" and measurement == "train_lm":
+        return "MFU >= 40%", lambda r: r["mfu"]["ours"] >= 0.40
+    return None
+
+
+# --- Output ---------------------------------------------------------------------------------
+
+
+def _value(row: dict[str, Any], side: str) -> str:
+    value = row[side]
+    if value is None:
+        return "n/a"
+    text = f"{value:,.1f} {row['unit']}" if value >= 10 else f"{value:.2f} {row['unit']}"
+    mfu = row.get("mfu", {}).get(side)
+    return f"{text} (MFU {100 * mfu:.0f}%)" if mfu is not None else text
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """The rows as a Markdown table, with the run's machine and date above it."""
+    if not rows:
+        return "(no measurements)"
+    first = rows[0]
+    machine, device, versions = first["machine"], first["device"], first["versions"]
+    lines = [
+        f"{first['date']}, setup `{first['setup']}` ({first['dtype']}), {machine['cpu']}, "
+        f"{machine['usable_cores']} cores, {device['count']} x {device['kind']} "
+        f"({device['platform']}); jax {versions['jax']}, torch {versions['torch']}, "
+        f"transformers {versions['transformers']}",
+        "",
+        "| measurement | case | ours | transformers (PyTorch) | ours / PyTorch | target | met |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        ratio = f"{row['ratio']:.2f}x" if row["ratio"] is not None else "n/a"
+        met = {True: "yes", False: "**no**", None: ""}[row["meets_target"]]
+        lines.append(
+            f"| {row['measurement']} | {row['case']} | {_value(row, 'ours')} | "
+            f"{_value(row, 'reference')} | {ratio} | {row['target'] or ''} | {met} |"
+        )
+    peak = next((r for r in rows if "peak_flops" in r), None)
+    if peak is not None:
+        lines += [
+            "",
+            f"MFU: model FLOPs per second / {peak['peak_flops'] / 1e9:,.0f} GFLOP/s "
+            f"({peak['peak_source']}); FLOPs: {peak['flops_formula']}.",
+        ]
+    load = [r["load_average"] for r in rows]
+    lines.append(f"Load average (1 min) during the rows: {', '.join(f'{x:.1f}' for x in load)}.")
+    return "\n".join(lines)
+
+
+def run_bench(
+    only: list[str] | None = None, json_path: str | None = None, smoke: bool = False
+) -> list[dict[str, Any]]:
+    """Run the measurements (all, or ``only`` these), write JSON lines to ``json_path``, print
+    the Markdown table; returns the rows."""
+    from research.config import ConfigError
+
+    names = list(only) if only else list(MEASUREMENTS)
+    unknown = [n for n in names if n not in MEASUREMENTS]
+    if unknown:
+        raise ConfigError(
+            f"bench --only {unknown[0]!r}: valid measurements are {list(MEASUREMENTS)}"
+        )
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    # On a GPU the compile/memory children need device memory too: no process grabs 75% of it
+    # up front (this works when nothing has started JAX's backend yet, as under the CLI).
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    run = Run(make_setup(default_setup_name(smoke)))
+    out = open(json_path, "w") if json_path else None  # noqa: SIM115 (rows stream in as they finish)
+    rows: list[dict[str, Any]] = []
+    try:
+        for name in names:
+            print(f"[bench] {name} ({run.setup.name}) ...", file=sys.stderr, flush=True)
+            start = time.perf_counter()
+            for row in MEASURE[name](run):
+                row = _complete(row, run)
+                rows.append(row)
+                if out is not None:
+                    out.write(json.dumps(row) + "\n")
+                    out.flush()
+            gc.collect()
+            took = time.perf_counter() - start
+            print(f"[bench] {name} took {took:.0f} s", file=sys.stderr, flush=True)
+    finally:
+        if out is not None:
+            out.close()
+    print(markdown_table(rows))
+    return rows
+
+
+def _complete(row: dict[str, Any], run: Run) -> dict[str, Any]:
+    """Add what every JSON line carries, and the target verdict."""
+    s = run.setup
+    target = target_for(s.name, row["measurement"], row["case"])
+    return {
+        **row,
+        "target": target[0] if target else None,
+        "meets_target": target[1](row) if target else None,
+        "setup": s.name,
+        "dtype": s.dtype,
+        "attention_impl": s.attention_impl,
+        "warmup": s.warmup,
+        "repeats": s.repeats,
+        "date": now(),
+        "load_average": os.getloadavg()[0],
+        **environment(),
+    }
+
+
+# --- Fresh processes for compile and memory ------------------------------------------------------
+
+
+def _run_children(sides: list[str], setup_name: str) -> dict[str, dict[str, Any]]:
+    """Run ``python -m research.bench child SIDE SETUP`` for each side at once -> their JSON."""
+    env = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
+    started = {}
+    for side in sides:
+        cmd = [sys.executable, "-m", "research.bench", "child", side, setup_name]
+        started[side] = (
+            cmd,
+            subprocess.Popen(
+                cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+            ),
+        )
+    results = {}
+    for side, (cmd, proc) in started.items():
+        stdout, stderr = proc.communicate()
+        if proc.returncode != 0:
+            raise RuntimeError(
+                f"benchmark child {' '.join(cmd[2:])} failed (exit {proc.returncode}):\n"
+                + stderr[-3000:]
+            )
+        results[side] = json.loads(stdout.strip().splitlines()[-1])
+    return results

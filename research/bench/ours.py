@@ -1,0 +1,110 @@
+"""Our side of each measurement: the project's real train step and sampler, on one device."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from research import sampling
+from research.bench.common import Setup
+from research.models.generator import GROUPS, Generator, GeneratorSpec, init_generator
+from research.train.optim import make_optimizer, trainable_labels
+from research.train.steps import AXIS, init_state, make_train_step
+
+
+def lm_model(setup: Setup, decoding: bool = False) -> Generator:
+    """Plain GPT-2 (no encoder, no conditioning). Decoding uses XLA's attention: cuDNN's fused
+    kernel is for long queries, a decoding step has one."""
+    impl = None if decoding else setup.attention_impl
+    return Generator(GeneratorSpec(setup.decoder, None), setup.jnp_dtype, impl)
+
+
+def conditioned_model(setup: Setup) -> Generator:
+    """The encoder (BERT/MiniLM) conditioning GPT-2 through cross-attention in every block."""
+    spec = GeneratorSpec(
+        setup.decoder, setup.encoder, ("cross_attention",), cross_attention_every=1
+    )
+    return Generator(spec, setup.jnp_dtype, setup.attention_impl)
+
+
+def random_params(model: Generator, seed: int = 0) -> dict[str, Any]:
+    """GPT-2-style random weights: matrices ~ N(0, 0.02), LayerNorm scales 1, biases 0.
+
+    Drawn by numpy into the shapes ``init_generator`` gives: compiling the initialisers
+    would take longer than the measurement they serve.
+    """
+    shapes = jax.eval_shape(lambda key: init_generator(model, key), jax.random.key(seed))
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        name = getattr(path[-1], "key", "")
+        if name == "scale":
+            return np.ones(leaf.shape, leaf.dtype)
+        if name == "bias":
+            return np.zeros(leaf.shape, leaf.dtype)
+        return (0.02 * rng.standard_normal(leaf.shape, np.float32)).astype(leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+class TrainStep:
+    """``research.train.steps.make_train_step`` (loss, gradients, clipped AdamW) on one device.
+
+    Every group trains, the learning rate is constant; ``__call__`` runs one step on the same
+    batch and returns the loss as a Python float (which waits for the step to finish).
+    """
+
+    def __init__(self, model: Generator, params: dict[str, Any], batch: dict[str, np.ndarray]):
+        schedule = optax.constant_schedule(1e-4)
+        tx = make_optimizer(params, GROUPS, schedule)
+        self.step = make_train_step(model, tx, trainable_labels(params, GROUPS), schedule)
+        # The pmapped step wants [devices, ...] state and [devices, accum, rows, ...] batches,
+        # laid out as its outputs are (else the second call compiles the step again).
+        mesh = Mesh(np.array(jax.devices()[:1]), (AXIS,))
+        lead = lambda tree, n: jax.device_put(  # noqa: E731
+            jax.tree.map(lambda x: x[(None,) * n], tree), NamedSharding(mesh, P(AXIS))
+        )
+        self.state = lead(init_state(params, tx), 1)
+        self.batch = lead(batch, 2)
+        self.key = lead(jax.random.key(0), 1)
+
+    def __call__(self) -> float:
+        self.state, metrics = self.step(self.state, self.batch, self.key)
+        return float(metrics["loss"][0])
+
+
+def lm_batch(setup: Setup, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Random decoder tokens ``[batch, seq]``, no padding."""
+    ids = rng.integers(0, setup.decoder.vocab_size, (setup.batch, setup.seq), dtype=np.int32)
+    return {"decoder_ids": ids, "decoder_mask": np.ones_like(ids)}
+
+
+def conditioned_batch(setup: Setup, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """:func:`lm_batch` plus random encoder tokens ``[batch, encoder_seq]``."""
+    enc = rng.integers(
+        0, setup.encoder.vocab_size, (setup.batch, setup.encoder_seq), dtype=np.int32
+    )
+    return lm_batch(setup, rng) | {"encoder_ids": enc, "encoder_mask": np.ones_like(enc)}
+
+
+def greedy(model: Generator, params: dict[str, Any], prompt_ids: np.ndarray, new_tokens: int):
+    """A function decoding ``prompt_ids`` ``[rows, prompt]`` greedily with
+    ``research.sampling.generate`` -> exactly ``new_tokens`` tokens per row (EOS is forbidden
+    until then, as ``min_new_tokens`` does in Hugging Face's ``generate``)."""
+    rows = prompt_ids.shape[0]
+    cfg = sampling.SamplingConfig(
+        strategy="greedy", max_new_tokens=new_tokens, min_new_tokens=new_tokens, batch_size=rows
+    )
+    batch = {
+        "example": np.arange(rows),
+        "prompt_ids": prompt_ids,
+        "prompt_mask": np.ones_like(prompt_ids),
+    }
+    devices = jax.devices()[:1]
+    params = jax.device_put(params, devices[0])
+    return lambda: sampling.generate(model, params, batch, cfg, devices=devices)

@@ -1,0 +1,130 @@
+"""The reference side: Hugging Face transformers' PyTorch models, as a user would run them.
+
+Same shapes, same dtype policy as ours (float32; on a GPU bfloat16 autocast over float32
+weights), same step: next-token cross-entropy, backward, global-norm clipping at 1.0, then
+``torch.optim.AdamW`` with weight decay 0.01 on matrices only (as ``research.train.optim``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+import transformers
+
+from research.bench.common import Setup
+from research.models import hf
+from research.models.gpt2 import GPT2LMHead
+
+
+def device_for(setup: Setup) -> str | None:
+    """Where the reference runs: the CPU for CPU setups, CUDA on a GPU (None when this
+    torch build has no CUDA, so there is nothing to compare against)."""
+    if jax.devices()[0].platform != "gpu":
+        return "cpu"
+    return "cuda" if torch.cuda.is_available() else None
+
+
+def _autocast(setup: Setup, device: str):
+    if setup.dtype == "bfloat16":
+        return torch.autocast(device_type=device, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def lm_model(setup: Setup, seed: int = 0) -> transformers.GPT2LMHeadModel:
+    """``GPT2LMHeadModel`` with Hugging Face's random initialisation."""
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(**dataclasses.asdict(setup.decoder))
+    return transformers.GPT2LMHeadModel(config)
+
+
+def conditioned_model(setup: Setup, seed: int = 0) -> transformers.EncoderDecoderModel:
+    """``EncoderDecoderModel``: ``BertModel`` encoder + ``GPT2LMHeadModel`` decoder with
+    ``add_cross_attention=True`` (Hugging Face projects the encoder states to the decoder's
+    width once, then every block's cross-attention reads them)."""
+    torch.manual_seed(seed)
+    encoder = transformers.BertModel(transformers.BertConfig(**dataclasses.asdict(setup.encoder)))
+    decoder_config = transformers.GPT2Config(
+        **dataclasses.asdict(setup.decoder), add_cross_attention=True, is_decoder=True
+    )
+    decoder = transformers.GPT2LMHeadModel(decoder_config)
+    return transformers.EncoderDecoderModel(encoder=encoder, decoder=decoder)
+
+
+def as_flax_params(model: transformers.GPT2LMHeadModel, setup: Setup) -> dict[str, Any]:
+    """The reference GPT-2's weights as our generator's parameters (``{"decoder": ...}``), so
+    both sides run the very same network (and greedy decoding can be compared token by token)."""
+    config = setup.decoder
+    tensors = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+    expected = hf.abstract_params(GPT2LMHead(config), config)
+    tree = hf.convert_to_flax(hf.ARCHITECTURES["gpt2"], config, tensors, expected, "reference")
+    return {"decoder": jax.tree.map(jnp.asarray, tree)}
+
+
+class TrainStep:
+    """One training step of a transformers model; ``__call__`` returns the loss (a float)."""
+
+    def __init__(self, model: torch.nn.Module, batch: dict[str, np.ndarray], setup: Setup, device):
+        self.model = model.to(device).train()
+        self.setup, self.device = setup, device
+        decay = [p for p in model.parameters() if p.ndim >= 2]
+        rest = [p for p in model.parameters() if p.ndim < 2]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": 0.01}, {"params": rest, "weight_decay": 0.0}],
+            lr=1e-4,
+            betas=(0.9, 0.999),
+            eps=1e-8,
+        )
+        tensor = lambda key: torch.as_tensor(batch[key], dtype=torch.long, device=device)  # noqa: E731
+        ids = tensor("decoder_ids")
+        self.targets = ids[:, 1:].reshape(-1)
+        if "encoder_ids" in batch:
+            self.inputs = {
+                "input_ids": tensor("encoder_ids"),
+                "attention_mask": tensor("encoder_mask"),
+                "decoder_input_ids": ids,
+                "decoder_attention_mask": tensor("decoder_mask"),
+            }
+        else:
+            self.inputs = {"input_ids": ids, "attention_mask": tensor("decoder_mask")}
+
+    def __call__(self) -> float:
+        with _autocast(self.setup, self.device):
+            logits = self.model(**self.inputs).logits
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].float().reshape(-1, logits.shape[-1]), self.targets
+        )
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+
+def greedy(
+    model: transformers.GPT2LMHeadModel, prompt_ids: np.ndarray, new_tokens: int, setup, device
+):
+    """A function running ``model.generate`` (greedy, its KV cache) -> new tokens
+    ``[rows, new_tokens]`` as numpy; ``min_new_tokens`` makes every row produce all of them."""
+    model = model.to(device).eval()
+    ids = torch.as_tensor(prompt_ids, dtype=torch.long, device=device)
+    mask = torch.ones_like(ids)
+
+    def run() -> np.ndarray:
+        with torch.inference_mode(), _autocast(setup, device):
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                do_sample=False,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                pad_token_id=setup.decoder.eos_token_id,
+            )
+        return out[:, ids.shape[1] :].cpu().numpy()
+
+    return run

@@ -1,0 +1,174 @@
+"""``research bench`` (research/bench): the smoke run end to end, and its FLOP counting.
+
+The smoke run uses tiny models, so its speeds mean nothing; what it checks is that every
+measurement runs, on both sides, and writes complete rows. Two references keep the figures
+honest: both sides start from the same weights (equal first losses, equal greedy tokens), and
+the closed-form FLOP count equals the matrix products counted on the model's jaxpr.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from research.bench import MEASUREMENTS, markdown_table, ours, run_bench, target_for
+from research.bench.common import (
+    card_peak_flops,
+    lm_train_flops_per_token,
+    make_setup,
+    matmul_flops,
+)
+from research.config import ConfigError
+
+EXPECTED_ROWS = {
+    ("train_lm", "2 x 16 tokens"),
+    ("train_conditioned", "2 x (16 encoder + 16 decoder) tokens"),
+    ("generate", "batch 1"),
+    ("generate", "batch 2"),
+    ("compile", "train step"),
+    ("compile", "sampler"),
+    ("memory", "training, 2 steps"),
+}
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """One smoke run of every measurement: (rows returned, JSON lines written, stdout)."""
+    path = tmp_path_factory.mktemp("bench") / "bench.jsonl"
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        rows = run_bench(only=None, json_path=str(path), smoke=True)
+    written = [json.loads(line) for line in path.read_text().splitlines()]
+    return rows, written, stdout.getvalue()
+
+
+def test_smoke_writes_one_complete_row_per_measurement(smoke):
+    rows, written, _ = smoke
+    assert written == json.loads(json.dumps(rows))
+    assert {(r["measurement"], r["case"]) for r in written} == EXPECTED_ROWS
+    assert {r["measurement"] for r in written} == set(MEASUREMENTS)
+    for row in written:
+        where = f"{row['measurement']} / {row['case']}"
+        assert row["setup"] == "smoke" and row["dtype"] == "float32", where
+        assert math.isfinite(row["ours"]) and row["ours"] > 0, where
+        assert math.isfinite(row["reference"]) and row["reference"] > 0, where
+        assert row["ratio"] == pytest.approx(row["ours"] / row["reference"]), where
+        assert row["better"] in ("higher", "lower"), where
+        assert row["shapes"], where
+        # Smoke shapes are not the issue's: no target applies.
+        assert row["target"] is None and row["meets_target"] is None, where
+        assert row["machine"]["cpu"] and row["machine"]["cores"] >= 1, where
+        assert row["device"] == {
+            "platform": jax.devices()[0].platform,
+            "kind": jax.devices()[0].device_kind,
+            "count": jax.device_count(),
+        }, where
+        assert row["versions"]["jax"] == jax.__version__, where
+        assert row["versions"]["torch"] == torch.__version__, where
+        assert row["versions"]["transformers"] == transformers.__version__, where
+
+
+def test_smoke_timings_are_medians_of_the_repeats(smoke):
+    _, written, _ = smoke
+    setup = make_setup("smoke")
+    for row in written:
+        if row["unit"] != "tokens/s":
+            continue
+        tokens = row["shapes"]["batch"] * row["shapes"].get("new_tokens", row["shapes"].get("seq"))
+        for side in ("ours", "reference"):
+            seconds = row["seconds"][side]
+            assert len(seconds) == setup.repeats
+            assert row[side] == pytest.approx(tokens / float(np.median(seconds)))
+
+
+def test_smoke_both_sides_run_the_same_network(smoke):
+    """Same weights: the first training losses agree, greedy decoding picks the same tokens."""
+    _, written, _ = smoke
+    by_key = {(r["measurement"], r["case"]): r for r in written}
+    loss = by_key[("train_lm", "2 x 16 tokens")]["first_loss"]
+    assert loss["ours"] == pytest.approx(loss["reference"], rel=1e-5)
+    # Random tokens over a 1000-word vocabulary: the loss starts near log(1000).
+    assert loss["ours"] == pytest.approx(math.log(1000), rel=0.05)
+    for case in ("batch 1", "batch 2"):
+        assert by_key[("generate", case)]["same_tokens"] == 1.0
+
+
+def test_smoke_compile_memory_and_mfu_fields(smoke):
+    _, written, _ = smoke
+    by_key = {(r["measurement"], r["case"]): r for r in written}
+    for case in ("train step", "sampler"):
+        row = by_key[("compile", case)]
+        # The first call compiles, so it takes longer than the next one.
+        assert row["ours"] > row["ours_next_call_s"] > 0
+    memory = by_key[("memory", "training, 2 steps")]
+    for side in ("ours", "reference"):
+        assert 100 < memory[side] < 64 * 1024  # MiB
+    for name in ("train_lm", "train_conditioned"):
+        row = next(r for r in written if r["measurement"] == name)
+        assert row["peak_flops"] > 1e9 and row["peak_source"] == "measured matmul"
+        for side in ("ours", "reference"):
+            assert 0 < row["mfu"][side] < 1.5
+
+
+def test_smoke_prints_the_markdown_table(smoke):
+    rows, written, printed = smoke
+    assert markdown_table(written) in printed
+    table = [line for line in printed.splitlines() if line.startswith("| ")]
+    assert table[0].startswith("| measurement | case | ours |")
+    assert len(table) == 1 + len(rows)
+    for line, row in zip(table[1:], rows, strict=True):
+        assert line.startswith(f"| {row['measurement']} | {row['case']} | ")
+        assert f"{row['ratio']:.2f}x" in line
+
+
+def test_unknown_measurement_is_rejected_with_the_valid_names():
+    with pytest.raises(ConfigError, match="valid measurements are .*train_lm"):
+        run_bench(only=["train_lm", "speed"], smoke=True)
+
+
+def test_lm_flops_formula_equals_matmuls_counted_on_the_jaxpr():
+    """6 N + 12 L d T per token == 3 x the forward's matrix products, counted one by one."""
+    setup = make_setup("smoke")
+    model = ours.lm_model(setup)
+    params = ours.random_params(model)
+    batch = ours.lm_batch(setup, np.random.default_rng(0))
+    forward = matmul_flops(lambda p: model.apply({"params": p}, batch), params)
+    tokens = setup.batch * setup.seq
+    closed = lm_train_flops_per_token(params["decoder"], setup.decoder, setup.seq) * tokens
+    assert closed == 3 * forward
+
+
+def test_matmul_flops_counts_products_and_scan_bodies():
+    a, b = jnp.ones((3, 4)), jnp.ones((4, 5))
+    assert matmul_flops(jnp.dot, a, b) == 2 * 3 * 4 * 5
+    assert matmul_flops(lambda x: jnp.einsum("bij,bjk->bik", x, x), jnp.ones((2, 6, 6))) == (
+        2 * 2 * 6 * 6 * 6
+    )
+
+    def loop(x):
+        return jax.lax.scan(lambda c, _: (c @ b.T @ b, None), x, length=7)[0]
+
+    assert matmul_flops(loop, jnp.ones((3, 5))) == 7 * 2 * (2 * 3 * 5 * 4)
+
+
+def test_targets_and_card_peaks():
+    target, check = target_for("cpu", "train_lm", "8 x 128 tokens")
+    assert target == ">= 1.25x"
+    assert check({"ratio": 1.3}) and not check({"ratio": 1.2}) and not check({"ratio": None})
+    assert target_for("cpu", "generate", "batch 16")[1]({"ratio": 3.1})
+    assert not target_for("cpu", "compile", "sampler")[1]({"ours": 12.0})
+    assert target_for("gpu", "train_lm", "16 x 1024 tokens")[1]({"mfu": {"ours": 0.45}})
+    assert target_for("smoke", "train_lm", "2 x 16 tokens") is None
+    assert card_peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert card_peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert card_peak_flops("NVIDIA H200") == 989e12
+    assert card_peak_flops("Tesla T4") is None
