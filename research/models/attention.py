@@ -45,6 +45,9 @@ def attend(
     with ``attn_pdrop > 0`` takes the explicit einsum path; both compute the same function.
     """
     if dropout_rng is None or dropout_rate == 0.0:
+        if implementation == "cudnn":
+            # cuDNN takes the mask as a bias spanning every query: [batch, 1, q_len, kv_len].
+            mask = jnp.broadcast_to(mask, (mask.shape[0], 1, q.shape[1], k.shape[1]))
         return jax.nn.dot_product_attention(
             q, k, v, mask=mask, scale=scale, implementation=implementation
         )
