@@ -43,6 +43,7 @@ class Progress:
     """Everything besides arrays that a checkpoint must restore (saved as JSON ``meta``)."""
 
     stage: int = 2  # 1 = PEPLER's first stage (only stage1_trainable), 2 = the final regime
+    stage2_start: int = 0  # the step at which stage 2 began (its optimizer counts from there)
     best_val_loss: float | None = None
     evals_without_improvement: int = 0
     data: dict[str, int] = dataclasses.field(default_factory=dict)
@@ -50,6 +51,11 @@ class Progress:
 
 def _trainable(cfg: ml_collections.ConfigDict, stage: int) -> tuple[str, ...]:
     return tuple(cfg.train.stage1_trainable if stage == 1 else cfg.train.trainable)
+
+
+def _shifted(schedule, offset: int):
+    """``schedule`` as seen by an optimizer whose update count starts at step ``offset``."""
+    return lambda count: schedule(count + offset)
 
 
 class _StopRequest:
@@ -101,11 +107,17 @@ class Trainer:
         )
         self.eval_step = make_eval_step(self.model)
 
-    def optimizer(self, stage: int):
+    def optimizer(self, stage: int, first_step: int = 0):
+        """The optimizer of ``stage``, created at step ``first_step``.
+
+        A new optimizer counts its updates from 0; shifting the schedule by ``first_step`` keeps
+        it on the run's learning-rate schedule (the one the metrics report) instead of starting
+        the warmup again.
+        """
         return make_optimizer(
             self.initial_params,
             _trainable(self.cfg, stage),
-            self.schedule,
+            _shifted(self.schedule, first_step) if first_step else self.schedule,
             weight_decay=self.cfg.train.weight_decay,
             clip_norm=self.cfg.train.clip_norm or None,
         )
@@ -163,8 +175,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, command: list[str
     start = checkpoints.latest_step()
     if start is not None:
         # The optimizer state's structure depends on the stage, so read it first.
-        progress.stage = checkpoints.restore_meta(start)["progress"]["stage"]
-    tx = trainer.optimizer(progress.stage)
+        saved = checkpoints.restore_meta(start)["progress"]
+        progress.stage, progress.stage2_start = saved["stage"], saved.get("stage2_start", 0)
+    tx = trainer.optimizer(progress.stage, progress.stage2_start)
     state = init_state(trainer.initial_params, tx)
     if start is not None:
         state, meta = checkpoints.restore(start, target=state)
@@ -249,14 +262,16 @@ def _run(cfg, workdir, trainer, checkpoints, progress, data, tx, state):
                 progress.evals_without_improvement = (
                     0 if improved else progress.evals_without_improvement + 1
                 )
-            save(force=step == cfg.train.steps, val_loss=val_loss)
-            if progress.stage == 1 and (
+            switch = progress.stage == 1 and (
                 step >= cfg.train.stage1_max_steps
                 or progress.evals_without_improvement >= cfg.train.stage1_patience
-            ):
-                save(force=True, val_loss=val_loss)  # the switch point is a resume point
+            )
+            if switch:
+                # Switch before saving: this step's checkpoint must resume in stage 2. (Saved in
+                # stage 1, a resumed run would take one stage-1 step too many.)
                 progress.stage, progress.evals_without_improvement = 2, 0
-                tx = trainer.optimizer(2)
+                progress.stage2_start = step
+                tx = trainer.optimizer(2, step)
                 params = _host(state["params"])
                 fresh = init_state(params, tx)
                 fresh["step"] = _host(state["step"])
@@ -264,6 +279,8 @@ def _run(cfg, workdir, trainer, checkpoints, progress, data, tx, state):
                 step_fn = trainer.train_step(2, tx)
                 if primary:
                     tqdm.write(f"step {step}: stage 2, training {_trainable(cfg, 2)}")
+            # The switch point is a resume point.
+            save(force=step == cfg.train.steps or switch, val_loss=val_loss)
             if stop.signal_name:
                 save(force=True)
                 bar.close()
