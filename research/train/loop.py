@@ -5,8 +5,8 @@ resumes from the latest checkpoint: parameters, optimizer state, step, the data 
 position and the two-stage schedule's progress all come back, and dropout keys depend only on
 (seed, step, device), so an interrupted run ends bitwise equal to an uninterrupted one.
 
-SIGTERM/SIGINT finish the current step, save, and return normally. A non-finite loss raises
-:class:`TrainingDiverged` naming the step, without saving over the last good checkpoint.
+SIGTERM/SIGINT finish the current step, save, and return normally. A non-finite loss (or
+gradient norm) raises :class:`TrainingDiverged` naming the step, before that step is saved.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from research.train.steps import init_state, make_eval_step, make_train_step, re
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the message names the step."""
+    """The loss or the gradient norm became NaN or infinite; the message names the step."""
 
 
 @dataclasses.dataclass
@@ -221,14 +221,22 @@ def _run(cfg, workdir, trainer, checkpoints, progress, data, tx, state):
             )
             step += 1
             last_loss = float(metrics["loss"][0])
-            if not math.isfinite(last_loss):
+            grad_norm = float(metrics["grad_norm"][0])
+            # A NaN gradient under a finite loss (an overflowing backward pass) has already made
+            # the parameters NaN: this step must not be saved either.
+            if not (math.isfinite(last_loss) and math.isfinite(grad_norm)):
                 bar.close()
+                what = (
+                    f"loss is {last_loss}"
+                    if not math.isfinite(last_loss)
+                    else f"gradient norm is {grad_norm} (loss {last_loss})"
+                )
                 good = checkpoints.latest_step()
                 raise TrainingDiverged(
-                    f"loss is {last_loss} at step {step}; stopping. The last good checkpoint is "
+                    f"{what} at step {step}; stopping. The last good checkpoint is "
                     f"step {good} in {checkpoints.directory}"
                     if good is not None
-                    else f"loss is {last_loss} at step {step}; stopping (no checkpoint yet)"
+                    else f"{what} at step {step}; stopping (no checkpoint yet)"
                 )
             window_tokens += float(metrics["tokens"][0])
             bar.update(1)
@@ -245,7 +253,7 @@ def _run(cfg, workdir, trainer, checkpoints, progress, data, tx, state):
                         "perplexity": math.exp(min(last_loss, 50.0)),
                         "learning_rate": lr,
                         "tokens_per_s": tokens_per_s,
-                        "grad_norm": float(metrics["grad_norm"][0]),
+                        "grad_norm": grad_norm,
                     },
                 )
                 window_tokens, window_start = 0.0, time.perf_counter()
