@@ -184,10 +184,12 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, command: list[str
         progress = Progress(**meta["progress"])
         data.restore(progress.data)
         if primary:
-            _truncate_metrics(workdir, start)
             print(f"Resuming {workdir} from step {start} (stage {progress.stage}).")
     elif primary:
         print(parameter_summary(trainer.initial_params, _trainable(cfg, progress.stage)))
+    if primary:
+        # Also without a checkpoint: a run killed before its first save logged steps it redoes.
+        _truncate_metrics(workdir, start or 0)
     return _run(cfg, workdir, trainer, checkpoints, progress, data, tx, state)
 
 
