@@ -2,15 +2,16 @@
 
 Every run is the real command, ``python -m research train --config tests/configs/tiny.py
 --workdir DIR --config.KEY=VALUE ...``, in a subprocess with 4 (or 1, or 2 per process) CPU
-devices. The references are other runs, never the run's own report of itself:
+devices. The references are other runs or closed forms, never a run's report of itself:
 
-* an uninterrupted run is the reference of the same command killed (SIGKILL at four moments,
-  one of them inside a checkpoint save), stopped (SIGTERM) and resumed: final state bitwise equal;
+* an uninterrupted run is the reference of the same command killed (SIGKILL at four moments, two
+  of them inside checkpoint saves), stopped (SIGINT, SIGTERM) and rerun: bitwise equal state;
 * with dropout off, the 4-device run is the reference of the 1-device run and of gradient
   accumulation (equal up to float rounding: the global batch is only summed in another order);
 * the 4-device run is the reference of two processes with 2 devices each (dropout on: the keys
   fold in the global device index, which is the same in both layouts);
-* closed forms: the learning-rate schedule, perplexity = exp(loss), frozen groups stay bitwise.
+* closed forms: the learning-rate schedule, perplexity = exp(loss), frozen groups stay bitwise,
+  AdamW's first update moves weights by the learning rate.
 
 Speed (2-core CPU): the subprocesses share one persistent XLA compilation cache (every program is
 compiled once per session) and draw random numbers with JAX's "rbg" generator, whose dropout
