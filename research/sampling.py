@@ -517,7 +517,8 @@ def _chunks(batch: Mapping[str, Any], size: int) -> Iterator[dict[str, np.ndarra
 
 
 class Generated(NamedTuple):
-    """One example's output: the new tokens before EOS, and their text with a tokenizer."""
+    """One example's output: the new tokens before EOS, and (with a tokenizer) their text,
+    decoded without special tokens and stripped of surrounding whitespace."""
 
     example: int
     token_ids: list[int]
