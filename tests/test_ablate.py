@@ -72,3 +72,24 @@ def test_results_markdown_marks_best_per_column():
     lines = results_markdown(rows).splitlines()
     assert lines[2] == "| a | 2 | 2.00 ± 1.41 | **6.00 ± 1.41** |"
     assert lines[3] == "| b | 1 | **4.00 ± 0.00** | 9.00 ± 0.00 |"
+
+
+def test_notebook_executes_on_the_ablation(ablation: Path, monkeypatch):
+    import nbclient
+    import nbformat
+
+    notebook = Path(__file__).parents[1] / "notebooks" / "explore_results.ipynb"
+    nb = nbformat.read(notebook, as_version=4)
+    assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), "strip outputs"
+    monkeypatch.setenv("RESULTS_DIR", str(ablation))
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    nbclient.NotebookClient(nb, timeout=300, kernel_name="python3").execute(
+        cwd=str(notebook.parent)
+    )
+    figures = {p.name for p in (ablation / "figures").glob("*.png")}
+    assert figures == {"loss_curves.png", "bleu4_by_method.png", "bleu_vs_perplexity.png"}
+    printed = "".join(
+        o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs
+    )
+    assert "8 runs" not in printed and "4 runs under" in printed
+    assert "id_prompt" in printed and "reference:" in printed
