@@ -7,14 +7,12 @@ from typing import Any
 import jax
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from research import sampling
 from research.bench.common import Setup
 from research.models.generator import GROUPS, Generator, GeneratorSpec, init_generator
 from research.train.optim import make_optimizer, trainable_labels
-from research.train.steps import AXIS, init_state, make_train_step
+from research.train.steps import init_state, make_train_step, replicate, shard
 
 
 def lm_model(setup: Setup, decoding: bool = False) -> Generator:
@@ -63,15 +61,11 @@ class TrainStep:
         schedule = optax.constant_schedule(1e-4)
         tx = make_optimizer(params, GROUPS, schedule)
         self.step = make_train_step(model, tx, trainable_labels(params, GROUPS), schedule)
-        # The pmapped step wants [devices, ...] state and [devices, accum, rows, ...] batches,
-        # laid out as its outputs are (else the second call compiles the step again).
-        mesh = Mesh(np.array(jax.devices()[:1]), (AXIS,))
-        lead = lambda tree, n: jax.device_put(  # noqa: E731
-            jax.tree.map(lambda x: x[(None,) * n], tree), NamedSharding(mesh, P(AXIS))
-        )
-        self.state = lead(init_state(params, tx), 1)
-        self.batch = lead(batch, 2)
-        self.key = lead(jax.random.key(0), 1)
+        # Laid out as the training loop lays them out: [devices, ...] state and key, batches
+        # [devices, accum, rows, ...] (the batch goes in as host arrays, as the loop's do).
+        self.state = replicate(init_state(params, tx), 1)
+        self.key = replicate(jax.random.key(0), 1)
+        self.batch = shard(batch, 1, 1)
 
     def __call__(self) -> float:
         self.state, metrics = self.step(self.state, self.batch, self.key)
