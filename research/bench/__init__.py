@@ -64,7 +64,7 @@ class Run:
         self.device = jax.devices()[0]
         self.reference_device = reference.device_for(setup)
         self._peak: dict[str, Any] | None = None
-        self._children: dict[str, dict[str, Any]] = {}
+        self._children: dict[tuple[str, str], dict[str, Any]] = {}
 
     def peak(self) -> dict[str, Any]:
         """FLOP/s the MFU figures divide by: the card's datasheet peak on a known GPU, else the
@@ -79,17 +79,21 @@ class Run:
             self._peak["source"] = "datasheet" if card else "measured matmul"
         return self._peak
 
-    def child(self, side: str) -> dict[str, Any]:
-        """Results of ``python -m research.bench child SIDE SETUP`` (a fresh process), once.
+    def child(self, side: str, job: str) -> dict[str, Any]:
+        """Results of ``python -m research.bench child SIDE JOB SETUP``, once per (side, job).
 
-        The smoke run starts both sides' children together (its timings mean nothing, and the
-        test suite waits for it); real runs start them one after the other.
+        Real runs give every job a fresh process of its own, one after another. The smoke run
+        (its timings mean nothing, and the test suite waits for it) starts one process per
+        side for both jobs, the two sides at once.
         """
-        if side not in self._children:
-            sides = ["ours"] + (["reference"] if self.reference_device is not None else [])
-            parallel = self.setup.name == "smoke"
-            self._children |= _run_children(sides if parallel else [side], self.setup.name)
-        return self._children[side]
+        if (side, job) not in self._children:
+            if self.setup.name == "smoke":
+                sides = ["ours"] + (["reference"] if self.reference_device is not None else [])
+                wanted = [(s, ("train", "generate")) for s in sides]
+            else:
+                wanted = [(side, (job,))]
+            self._children |= _run_children(wanted, self.setup.name)
+        return self._children[side, job]
 
 
 def _matmul_peak(setup: Setup, torch_device: str | None) -> dict[str, Any]:
@@ -265,25 +269,24 @@ def measure_generate(run: Run) -> list[dict[str, Any]]:
 
 
 def measure_compile(run: Run) -> list[dict[str, Any]]:
-    mine = run.child("ours")
-    theirs = run.child("reference") if run.reference_device is not None else None
     rows = []
-    for case, key in (("train step", "train"), ("sampler", "generate")):
-        ours_s = mine[key]["first_result_s"]
-        ref_s = theirs[key]["first_result_s"] if theirs else None
+    for case, job in (("train step", "train"), ("sampler", "generate")):
+        mine = run.child("ours", job)
+        theirs = run.child("reference", job) if run.reference_device is not None else None
+        ref_s = theirs["first_result_s"] if theirs else None
         rows.append(
             {
                 "measurement": "compile",
                 "case": case,
                 "unit": "s",
                 "better": "lower",
-                "ours": ours_s,
+                "ours": mine["first_result_s"],
                 "reference": ref_s,
-                "ratio": ours_s / ref_s if ref_s else None,
-                "shapes": mine[key]["shapes"],
+                "ratio": mine["first_result_s"] / ref_s if ref_s else None,
+                "shapes": mine["shapes"],
                 # What one more call costs once compiled: the rest of the first call compiled.
-                "ours_next_call_s": mine[key]["next_call_s"],
-                "reference_next_call_s": theirs[key]["next_call_s"] if theirs else None,
+                "ours_next_call_s": mine["next_call_s"],
+                "reference_next_call_s": theirs["next_call_s"] if theirs else None,
                 "note": "fresh process each; PyTorch compiles nothing (its first call is eager)",
             }
         )
@@ -291,8 +294,8 @@ def measure_compile(run: Run) -> list[dict[str, Any]]:
 
 
 def measure_memory(run: Run) -> list[dict[str, Any]]:
-    mine = run.child("ours")["train"]
-    theirs = run.child("reference")["train"] if run.reference_device is not None else None
+    mine = run.child("ours", "train")
+    theirs = run.child("reference", "train") if run.reference_device is not None else None
     ref_mib = theirs["peak_rss_mib"] if theirs else None
     return [
         {
@@ -450,25 +453,27 @@ def _complete(row: dict[str, Any], run: Run) -> dict[str, Any]:
 # --- Fresh processes for compile and memory ------------------------------------------------------
 
 
-def _run_children(sides: list[str], setup_name: str) -> dict[str, dict[str, Any]]:
-    """Run ``python -m research.bench child SIDE SETUP`` for each side at once -> their JSON."""
+def _run_children(
+    wanted: list[tuple[str, tuple[str, ...]]], setup_name: str
+) -> dict[tuple[str, str], dict[str, Any]]:
+    """Run ``python -m research.bench child SIDE JOBS SETUP`` for every (side, jobs) at once
+    -> results by (side, job)."""
     env = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
-    started = {}
-    for side in sides:
-        cmd = [sys.executable, "-m", "research.bench", "child", side, setup_name]
-        started[side] = (
-            cmd,
-            subprocess.Popen(
-                cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
-            ),
+    started = []
+    for side, jobs in wanted:
+        cmd = [sys.executable, "-m", "research.bench", "child", side, ",".join(jobs), setup_name]
+        pipe = subprocess.PIPE
+        started.append(
+            (side, cmd, subprocess.Popen(cmd, stdout=pipe, stderr=pipe, text=True, env=env))
         )
     results = {}
-    for side, (cmd, proc) in started.items():
+    for side, cmd, proc in started:
         stdout, stderr = proc.communicate()
         if proc.returncode != 0:
             raise RuntimeError(
                 f"benchmark child {' '.join(cmd[2:])} failed (exit {proc.returncode}):\n"
                 + stderr[-3000:]
             )
-        results[side] = json.loads(stdout.strip().splitlines()[-1])
+        for job, result in json.loads(stdout.strip().splitlines()[-1]).items():
+            results[side, job] = result
     return results

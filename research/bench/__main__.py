@@ -1,8 +1,10 @@
-"""Fresh-process halves of ``compile`` and ``memory``: ``python -m research.bench child SIDE SETUP``.
+"""Fresh-process halves of ``compile`` and ``memory``.
 
-SIDE is ``ours`` or ``reference``. The child trains GPT-2 (first step, then a few more), reads
-its peak resident memory, then decodes greedily twice; it prints one JSON line. A fresh
-process is what a user starts: nothing compiled or cached yet.
+``python -m research.bench child SIDE JOBS SETUP``: SIDE is ``ours`` or ``reference``; JOBS
+is ``train``, ``generate`` or both (``train,generate``, in that order). ``train`` trains GPT-2
+(the first step, then a few more) and reads the process's peak resident memory, ``generate``
+decodes greedily twice. It prints one JSON line, by job. A fresh process is what a user
+starts: nothing compiled or cached yet.
 """
 
 from __future__ import annotations
@@ -51,39 +53,53 @@ def _first_and_next(fn: Callable[[], Any], steps: int, shapes: dict[str, Any]) -
     }
 
 
-def child(side: str, setup: Setup) -> dict[str, Any]:
+def child(side: str, job: str, setup: Setup) -> dict[str, Any]:
+    """``train``: the first step, a few more, then the peak memory; ``generate``: two greedy
+    decodings of one prompt. Each job runs in its own fresh process."""
     rng = np.random.default_rng(0)
-    batch = ours.lm_batch(setup, rng)
+    if job == "train":
+        batch = ours.lm_batch(setup, rng)
+        if side == "ours":
+            model = ours.lm_model(setup)
+            fn: Callable[[], Any] = ours.TrainStep(model, ours.random_params(model), batch)
+        else:
+            fn = reference.TrainStep(
+                reference.lm_model(setup), batch, setup, reference.device_for(setup)
+            )
+        result = _first_and_next(fn, setup.memory_steps, {"batch": setup.batch, "seq": setup.seq})
+        result["peak_rss_mib"] = _peak_rss_mib()
+        stats = jax.devices()[0].memory_stats() if side == "ours" else None
+        if stats and "peak_bytes_in_use" in stats:
+            result["device_peak_bytes"] = stats["peak_bytes_in_use"]
+        return result
     prompt = rng.integers(0, setup.decoder.vocab_size - 1, (1, setup.prompt), dtype=np.int32)
-    train_shapes = {"batch": setup.batch, "seq": setup.seq}
-    generate_shapes = {"batch": 1, "prompt": setup.prompt, "new_tokens": setup.new_tokens}
     if side == "ours":
-        model = ours.lm_model(setup)
-        params = ours.random_params(model)
-        step: Callable[[], Any] = ours.TrainStep(model, params, batch)
-        decode = ours.greedy(ours.lm_model(setup, decoding=True), params, prompt, setup.new_tokens)
+        model = ours.lm_model(setup, decoding=True)
+        fn = ours.greedy(model, ours.random_params(model), prompt, setup.new_tokens)
     else:
         device = reference.device_for(setup)
-        torch_model = reference.lm_model(setup)
-        step = reference.TrainStep(torch_model, batch, setup, device)
-        decode = reference.greedy(torch_model, prompt, setup.new_tokens, setup, device)
-    train = _first_and_next(step, setup.memory_steps, train_shapes)
-    train["peak_rss_mib"] = _peak_rss_mib()
-    stats = jax.devices()[0].memory_stats() if side == "ours" else None
-    if stats and "peak_bytes_in_use" in stats:
-        train["device_peak_bytes"] = stats["peak_bytes_in_use"]
-    del step
-    return {"train": train, "generate": _first_and_next(decode, 1, generate_shapes)}
+        fn = reference.greedy(reference.lm_model(setup), prompt, setup.new_tokens, setup, device)
+    shapes = {"batch": 1, "prompt": setup.prompt, "new_tokens": setup.new_tokens}
+    return _first_and_next(fn, 1, shapes)
+
+
+SIDES, JOBS = ("ours", "reference"), ("train", "generate")
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 3 or argv[0] != "child" or argv[1] not in ("ours", "reference"):
-        print("usage: python -m research.bench child {ours,reference} SETUP", file=sys.stderr)
+    jobs = argv[2].split(",") if len(argv) == 4 else []
+    if argv[:1] != ["child"] or argv[1] not in SIDES or not jobs or not set(jobs) <= set(JOBS):
+        print(
+            "usage: python -m research.bench child {ours,reference} JOB[,JOB] SETUP "
+            "(JOB: train or generate)",
+            file=sys.stderr,
+        )
         return 2
     import transformers
 
     transformers.logging.set_verbosity_error()
-    print(json.dumps(child(argv[1], make_setup(argv[2]))))
+    setup = make_setup(argv[3])
+    print(json.dumps({job: child(argv[1], job, setup) for job in jobs}))
     return 0
 
 

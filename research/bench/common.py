@@ -70,11 +70,11 @@ def make_setup(name: str) -> Setup:
     ``smoke``: a tiny GPT-2 and BERT so the whole benchmark runs in seconds."""
     if name == "smoke":
         decoder = GPT2Config(
-            vocab_size=1000, n_positions=64, n_embd=64, n_layer=2, n_head=4,
+            vocab_size=1000, n_positions=64, n_embd=64, n_layer=1, n_head=4,
             bos_token_id=999, eos_token_id=999, **NO_DROPOUT,
         )  # fmt: skip
         encoder = BertConfig(
-            vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+            vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
             intermediate_size=64, max_position_embeddings=64,
             hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
         )  # fmt: skip
