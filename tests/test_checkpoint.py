@@ -73,8 +73,11 @@ META = {"data": {"epoch": 2, "position": 1234}, "stage": "finetune", "hash": "ab
 
 
 def listing(ckpt: Checkpointer) -> list[str]:
-    """Names on disk in the checkpoints folder, sorted."""
-    return sorted(os.listdir(ckpt.directory))
+    """Names on disk in the checkpoints folder, in step order (numbers, so "5" before "14")."""
+    names = os.listdir(ckpt.directory)
+    return sorted(
+        names, key=lambda name: (not name.isdigit(), int(name) if name.isdigit() else 0, name)
+    )
 
 
 @pytest.mark.parametrize("async_save", [False, True])
@@ -146,7 +149,7 @@ def test_keeps_the_last_k_plus_the_best(tmp_path):
         for step, val_loss, on_disk, best in schedule:
             assert ckpt.save(step, state, meta, val_loss=val_loss)
             assert ckpt.all_steps() == on_disk, step
-            assert listing(ckpt) == sorted(str(s) for s in on_disk), step
+            assert listing(ckpt) == [str(s) for s in on_disk], step
             assert ckpt.best_step() == best, step
     # A fresh Checkpointer reads the losses back from disk and goes on with the same rule.
     with Checkpointer(tmp_path, keep_last=2) as ckpt:
