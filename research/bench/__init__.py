@@ -99,9 +99,7 @@ class Run:
 def _matmul_peak(setup: Setup, torch_device: str | None) -> dict[str, Any]:
     import torch
 
-    n = 2048 if setup.name != "smoke" else 256
-    if setup.name == "gpu":
-        n = 8192
+    n = {"smoke": 256, "gpu": 8192}.get(setup.name, 2048)
     rng = np.random.default_rng(0)
     a, b = (rng.standard_normal((n, n), dtype=np.float32) for _ in range(2))
     dtype = setup.jnp_dtype
@@ -162,6 +160,7 @@ def _mfu(run: Run, flops_per_step: float, times: dict[str, list[float]]) -> dict
         "model_flops_per_step": flops_per_step,
         "peak_flops": peak["used"],
         "peak_source": peak["source"],
+        "matmul_flops_per_s": {"n": peak["n"], "jax": peak["jax"], "torch": peak["torch"]},
         "mfu": {side: flops_per_step / median(t) / peak["used"] for side, t in times.items()},
     }
 
@@ -377,12 +376,13 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
             f"| {row['measurement']} | {row['case']} | {_value(row, 'ours')} | "
             f"{_value(row, 'reference')} | {ratio} | {row['target'] or ''} | {met} |"
         )
-    peak = next((r for r in rows if "peak_flops" in r), None)
-    if peak is not None:
+    with_mfu = [r for r in rows if "peak_flops" in r]
+    if with_mfu:
+        formulas = "; ".join(f"{r['measurement']}: {r['flops_formula']}" for r in with_mfu)
         lines += [
             "",
-            f"MFU: model FLOPs per second / {peak['peak_flops'] / 1e9:,.0f} GFLOP/s "
-            f"({peak['peak_source']}); FLOPs: {peak['flops_formula']}.",
+            f"MFU: model FLOPs per second / {with_mfu[0]['peak_flops'] / 1e9:,.0f} GFLOP/s "
+            f"({with_mfu[0]['peak_source']}). Model FLOPs, {formulas}.",
         ]
     load = [r["load_average"] for r in rows]
     lines.append(f"Load average (1 min) during the rows: {', '.join(f'{x:.1f}' for x in load)}.")
