@@ -1,0 +1,93 @@
+"""Prefill and single decoding steps over a preallocated KV cache (see the package docstring)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from research.models.conditioning import DecoderInputs
+from research.models.generator import Generator
+from research.models.gpt2 import init_cache
+
+
+@dataclasses.dataclass
+class DecodeState:
+    """What a decoding step needs besides the new token (a pytree; arrays lead with batch)."""
+
+    cache: dict[str, Any]  # from init_cache; slots [0, index) are filled
+    mask: jax.Array  # [batch, max_len] 1 = a real key (prefix, prompt tokens, generated slots)
+    inputs: DecoderInputs  # what every step re-reads: embed_offset, encoder_mask (no prefix)
+    index: jax.Array  # int32 []: the slot the next token goes to
+
+
+jax.tree_util.register_dataclass(
+    DecodeState, data_fields=["cache", "mask", "inputs", "index"], meta_fields=[]
+)
+
+
+def prefill(
+    model: Generator,
+    params: dict[str, Any],
+    batch: Mapping[str, jax.Array],
+    prompt_ids: jax.Array,
+    prompt_mask: jax.Array,
+    max_new_tokens: int,
+) -> tuple[jax.Array, DecodeState]:
+    """Condition on ``batch`` and run the prompt through the decoder once.
+
+    Args:
+      batch: what the conditioning reads (``encoder_ids``/``encoder_mask`` ``[batch, S]``,
+        ``user``/``item`` ``[batch]``).
+      prompt_ids, prompt_mask: ``[batch, T]``, left padded (every row ends at column T-1).
+      max_new_tokens: cache room for the tokens that follow.
+
+    Returns logits over the prompt positions ``[batch, T, vocab]`` (the last one predicts the
+    first new token) and the state whose cache holds the prefix and the prompt.
+    """
+    variables = {"params": params}
+    inputs = model.apply(variables, dict(batch), method=Generator.condition)
+    rows, prompt_len = prompt_ids.shape
+    prefix_len = inputs.prefix_length
+    max_len = prefix_len + prompt_len + max_new_tokens
+    if max_len > model.spec.decoder.n_positions:
+        raise ValueError(
+            f"prefix ({prefix_len}) + padded prompt ({prompt_len}) + sampling.max_new_tokens "
+            f"({max_new_tokens}) = {max_len} positions exceed the decoder's n_positions="
+            f"{model.spec.decoder.n_positions}"
+        )
+    mask = jnp.concatenate(
+        [
+            jnp.ones((rows, prefix_len), jnp.int32),
+            prompt_mask.astype(jnp.int32),
+            jnp.ones((rows, max_new_tokens), jnp.int32),
+        ],
+        axis=1,
+    )
+    cache = init_cache(model.spec.decoder, rows, max_len, model.dtype)
+    logits, cache = model.apply(
+        variables, prompt_ids, mask, inputs, cache, 0, method=Generator.decode
+    )
+    # The prefix now lives in the cache; the cross-attention keys/values too (cache["cross"]).
+    step_inputs = DecoderInputs(embed_offset=inputs.embed_offset, encoder_mask=inputs.encoder_mask)
+    state = DecodeState(cache, mask, step_inputs, jnp.asarray(prefix_len + prompt_len, jnp.int32))
+    return logits[:, prefix_len:], state
+
+
+def decode_step(
+    model: Generator, params: dict[str, Any], state: DecodeState, tokens: jax.Array
+) -> tuple[jax.Array, DecodeState]:
+    """Feed one token per row (``[batch]``) -> next-token logits ``[batch, vocab]``, new state."""
+    logits, cache = model.apply(
+        {"params": params},
+        tokens[:, None],
+        state.mask,
+        state.inputs,
+        state.cache,
+        state.index,
+        method=Generator.decode,
+    )
+    return logits[:, -1], dataclasses.replace(state, cache=cache, index=state.index + 1)
