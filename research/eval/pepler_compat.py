@@ -11,11 +11,15 @@ github.com/lileipisces/PEPLER, TOIS 2023; P5 reuses the same files) score genera
   sumy): per-sample ROUGE-1/2 on n-gram *sets* and sentence-level ROUGE-L, averaged, x100;
 - ``unique_sentence_percent``, ``feature_detect``, ``feature_matching_ratio``,
   ``feature_coverage_ratio`` and ``feature_diversity`` in ``utils.py``: USR, FMR, FCR and DIV as
-  fractions in [0, 1].
+  fractions in [0, 1];
+- ``root_mean_square_error`` and ``mean_absolute_error`` in ``utils.py``: rating RMSE and MAE,
+  each prediction first clamped to the training split's [min, max] rating.
 
-The originals are vendored unchanged under ``tests/reference/`` and the tests check that every
-function here matches them. Where the originals divide by zero (every prediction empty, a single
-sample for DIV, an empty feature vocabulary), the docstrings say what is returned instead.
+The tests hold every function here to the figures the original code computes on
+``../shared/data/metric_fixtures/pepler_metrics.json`` (to 1e-6) and to independent checks
+(sacreBLEU, rouge-score, closed forms). Where the originals divide by zero (every prediction
+empty, a single sample for DIV, an empty feature vocabulary), the docstrings say what is
+returned instead.
 """
 
 import re
@@ -240,3 +244,32 @@ def feature_metrics(
             / num_samples
         )
     return metrics
+
+
+def rating_errors(
+    true: Sequence[float], predicted: Sequence[float], min_rating: float, max_rating: float
+) -> dict[str, float]:
+    """RMSE and MAE of ``predicted`` ratings, each clamped to ``[min_rating, max_rating]`` first.
+
+    As PETER/PEPLER ``root_mean_square_error``/``mean_absolute_error``, which clamp to the
+    training split's lowest and highest rating.
+
+    Args:
+      true: ``[num_samples]`` ground-truth ratings.
+      predicted: ``[num_samples]`` predicted ratings (any real numbers).
+      min_rating, max_rating: the rating range of the training split.
+
+    Returns:
+      ``{"rmse": ..., "mae": ...}``.
+    """
+    true_array = np.asarray(true, dtype=np.float64)
+    predicted_array = np.asarray(predicted, dtype=np.float64)
+    if true_array.shape != predicted_array.shape or true_array.ndim != 1 or not len(true_array):
+        raise ValueError(
+            f"rating_errors: true has shape {true_array.shape} and predicted "
+            f"{predicted_array.shape}; both must be the same non-empty [num_samples]"
+        )
+    if min_rating > max_rating:
+        raise ValueError(f"rating_errors: min_rating={min_rating} > max_rating={max_rating}")
+    error = np.clip(predicted_array, min_rating, max_rating) - true_array
+    return {"rmse": float(np.sqrt(np.mean(error**2))), "mae": float(np.mean(np.abs(error)))}

@@ -1,1 +1,0 @@
-"""Original implementations vendored as test references (a second code path)."""
