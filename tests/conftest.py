@@ -32,7 +32,7 @@ GPT2_LAYOUTS = ("safetensors", "sharded", "pytorch_bin")
 
 
 def randomise_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Redraw every parameter in place (LayerNorm scales around 1, the rest around 0).
+    """Redraw every parameter in place (LayerNorm/RMSNorm scales around 1, the rest around 0).
 
     Hugging Face initialises LayerNorm to scale 1 / bias 0 and linear biases to 0, which would
     hide a swapped or dropped scale/bias; random values make every tensor count.
@@ -40,7 +40,7 @@ def randomise_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            is_scale = name.endswith("weight") and ("ln_" in name or "LayerNorm" in name)
+            is_scale = name.endswith("weight") and ("ln_" in name or "norm" in name.lower())
             noise = torch.randn(param.shape, generator=gen) * 0.1
             param.copy_(noise + 1.0 if is_scale else noise)
     return model.eval()

@@ -1,7 +1,8 @@
 """Scaled dot-product attention and the masks GPT-2 and BERT share.
 
-Shapes: queries ``[batch, q_len, heads, head_dim]``, keys/values ``[batch, kv_len, heads,
-head_dim]``, boolean masks broadcastable to ``[batch, heads, q_len, kv_len]`` (True = attend).
+Shapes: queries ``[batch, q_len, heads, head_dim]``, keys/values ``[batch, kv_len, kv_heads,
+head_dim]`` (``heads`` a multiple of ``kv_heads``: grouped-query attention), boolean masks
+broadcastable to ``[batch, heads, q_len, kv_len]`` (True = attend).
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ def attend(
         return jax.nn.dot_product_attention(
             q, k, v, mask=mask, scale=scale, implementation=implementation
         )
+    if k.shape[2] != q.shape[2]:  # grouped-query attention: each key/value head serves a group
+        k, v = (jnp.repeat(t, q.shape[2] // t.shape[2], axis=2) for t in (k, v))
     logits = jnp.einsum("bthd,bshd->bhts", q, k).astype(jnp.float32) * scale
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1)

@@ -29,6 +29,8 @@ from flax import traverse_util
 
 from research.models.bert import BertConfig, BertEncoder
 from research.models.gpt2 import GPT2Config, GPT2LMHead
+from research.models.llama import LlamaLM
+from research.models.llama_config import LlamaConfig, hf_table
 
 # Layout changes. torch.nn.Linear stores [out, in]; a Flax Dense kernel is [in, out].
 # GPT-2's Conv1D already stores [in, out], so GPT-2 needs no transposition at all.
@@ -93,12 +95,14 @@ class Architecture:
 
     config_cls: type
     module_cls: type
-    table: tuple[tuple[str, str, str], ...]
+    # The rows, or a function of the config giving them (optional biases, untied heads).
+    table: tuple[tuple[str, str, str], ...] | Callable[[Any], tuple[tuple[str, str, str], ...]]
     num_layers: Callable[[Any], int]
     save_prefix: str  # what transformers' save_pretrained puts before the table's names
     # Names transformers may add around the table's: task-model prefixes, buffers, a tied head.
     strip_prefixes: tuple[str, ...]
     buffers: str  # regex of non-parameter tensors that old checkpoints carry
+    embedding: str = "wte.weight"  # the token embeddings a tied LM head may repeat
 
 
 ARCHITECTURES = {
@@ -120,6 +124,19 @@ ARCHITECTURES = {
         strip_prefixes=("bert.",),
         buffers=r"embeddings\.position_ids",
     ),
+    **{
+        model_type: Architecture(
+            LlamaConfig,
+            LlamaLM,
+            hf_table,
+            lambda c: c.num_hidden_layers,
+            save_prefix="",
+            strip_prefixes=(),
+            buffers=r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",
+            embedding="model.embed_tokens.weight",
+        )
+        for model_type in ("llama", "qwen2", "mistral")
+    },
 }
 
 
@@ -130,7 +147,8 @@ class CheckpointError(ValueError):
 def expand_table(arch: Architecture, config: Any) -> list[tuple[str, str, str]]:
     """The table with ``{i}`` replaced by every layer index: (hf name, flax path, layout)."""
     rows = []
-    for hf, fx, layout in arch.table:
+    table = arch.table(config) if callable(arch.table) else arch.table
+    for hf, fx, layout in table:
         if "{i}" in hf:
             rows += [
                 (hf.format(i=i), fx.format(i=i), layout) for i in range(arch.num_layers(config))
@@ -282,7 +300,7 @@ def convert_to_flax(
     extra = sorted(
         name
         for name in set(tensors) - used
-        if not re.fullmatch(arch.buffers, name) and not _is_tied_head(name, tensors)
+        if not re.fullmatch(arch.buffers, name) and not _is_tied_head(arch, name, tensors)
     )
     if extra:
         message = f"{source}: {len(extra)} unexpected tensors not loaded: {extra[:10]}"
@@ -292,12 +310,12 @@ def convert_to_flax(
     return traverse_util.unflatten_dict(flat, sep="/")
 
 
-def _is_tied_head(name: str, tensors: dict[str, np.ndarray]) -> bool:
-    """GPT-2's LM head is tied to the token embeddings; an identical copy is no news."""
+def _is_tied_head(arch: Architecture, name: str, tensors: dict[str, np.ndarray]) -> bool:
+    """A tied LM head repeats the token embeddings; an identical copy is no news."""
     return (
         name == "lm_head.weight"
-        and "wte.weight" in tensors
-        and np.array_equal(tensors[name], tensors["wte.weight"])
+        and arch.embedding in tensors
+        and np.array_equal(tensors[name], tensors[arch.embedding])
     )
 
 
