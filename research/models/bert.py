@@ -68,6 +68,11 @@ class BertConfig:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
+    def position_ids(self, attention_mask: jax.Array) -> jax.Array:
+        """Default position ids ``[batch, seq]``: 0, 1, ... from the first column (RoBERTa's
+        differ: ``research/models/roberta.py``)."""
+        return jnp.broadcast_to(jnp.arange(attention_mask.shape[1]), attention_mask.shape)
+
 
 class BertOutput(NamedTuple):
     last_hidden_state: jax.Array  # [batch, seq, hidden]
@@ -225,7 +230,7 @@ class BertEncoder(nn.Module):
         if token_type_ids is None:
             token_type_ids = jnp.zeros_like(input_ids)
         if position_ids is None:
-            position_ids = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
+            position_ids = self.config.position_ids(attention_mask)
         x = Embeddings(self.config, self.dtype, name="embeddings")(
             input_ids, token_type_ids, position_ids, deterministic
         )

@@ -27,10 +27,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from research.models import distilbert
 from research.models.bert import BertConfig, BertEncoder
 from research.models.gpt2 import GPT2Config, GPT2LMHead
 from research.models.llama import LlamaLM
 from research.models.llama_config import LlamaConfig, hf_table
+from research.models.roberta import RobertaConfig
 
 # Layout changes. torch.nn.Linear stores [out, in]; a Flax Dense kernel is [in, out].
 # GPT-2's Conv1D already stores [in, out], so GPT-2 needs no transposition at all.
@@ -122,6 +124,27 @@ ARCHITECTURES = {
         lambda c: c.num_hidden_layers,
         save_prefix="",
         strip_prefixes=("bert.",),
+        buffers=r"embeddings\.position_ids",
+    ),
+    **{
+        model_type: Architecture(
+            RobertaConfig,
+            BertEncoder,
+            BERT_TABLE,
+            lambda c: c.num_hidden_layers,
+            save_prefix="",
+            strip_prefixes=("roberta.",),
+            buffers=r"embeddings\.(position_ids|token_type_ids)",
+        )
+        for model_type in ("roberta", "xlm-roberta")
+    },
+    "distilbert": Architecture(
+        distilbert.DistilBertConfig,
+        distilbert.DistilBertEncoder,
+        distilbert.HF_TABLE,
+        lambda c: c.n_layers,
+        save_prefix="",
+        strip_prefixes=("distilbert.",),
         buffers=r"embeddings\.position_ids",
     ),
     **{

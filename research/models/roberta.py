@@ -1,0 +1,57 @@
+"""RoBERTa-style encoders (``roberta``, ``xlm-roberta``): BERT's network, other conventions.
+
+The layers and parameter names are BERT's (``research/models/bert.py``, one conversion table
+for both); three things differ, all in the config:
+
+* position ids start after the padding id: a real token at index ``t`` of its row (counting
+  real tokens only) takes position ``pad_token_id + 1 + t``. transformers derives this from
+  ``input_ids != pad_token_id``; we derive it from the attention mask, so it also holds for
+  batches padded with another id.
+* a single token type (``type_vocab_size=1``): every token gets type 0.
+* LayerNorm epsilon 1e-5 and the padding id 1 by default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from research.models.bert import BertConfig
+
+ARCHITECTURES = {"roberta": "RobertaModel", "xlm-roberta": "XLMRobertaModel"}
+
+
+@dataclasses.dataclass(frozen=True)
+class RobertaConfig(BertConfig):
+    """The fields of ``RobertaConfig``/``XLMRobertaConfig`` that change the computation."""
+
+    vocab_size: int = 50265
+    max_position_embeddings: int = 514
+    type_vocab_size: int = 1
+    layer_norm_eps: float = 1e-5
+    pad_token_id: int = 1
+    model_type: str = "roberta"
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "config") -> RobertaConfig:
+        if raw.get("model_type", "roberta") not in ARCHITECTURES:
+            raise ValueError(
+                f"{source}: model_type={raw.get('model_type')!r} is not RoBERTa-style; "
+                f"valid: {sorted(ARCHITECTURES)}"
+            )
+        return super().from_dict(raw, source)
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        return {
+            **dataclasses.asdict(self),
+            "architectures": [ARCHITECTURES[self.model_type]],
+        }
+
+    def position_ids(self, attention_mask: jax.Array) -> jax.Array:
+        """``[batch, seq]``: real tokens count up from ``pad_token_id + 1``; padding takes
+        ``pad_token_id`` (its embedding row, which transformers never trains)."""
+        mask = attention_mask.astype(jnp.int32)
+        return jnp.cumsum(mask, axis=1) * mask + self.pad_token_id
