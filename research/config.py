@@ -284,8 +284,18 @@ def load_config(
     cfg = load_config_file(path) if path else default_config()
     for key, value in overrides:
         apply_override(cfg, key, value)
+    _tokenizers_follow_models(cfg)
     validate(cfg)
     return cfg
+
+
+def _tokenizers_follow_models(cfg: ml_collections.ConfigDict) -> None:
+    """Unset ``data.*_tokenizer`` take the pretrained folders' own: targets are tokenised by
+    the decoder's tokenizer, encoder inputs by the encoder's."""
+    if not cfg.data.decoder_tokenizer and cfg.init.decoder:
+        cfg.data.decoder_tokenizer = cfg.init.decoder
+    if not cfg.data.encoder_tokenizer and cfg.init.encoder not in ("", "minilm"):
+        cfg.data.encoder_tokenizer = cfg.init.encoder
 
 
 def from_json_dict(raw: dict[str, Any]) -> ml_collections.ConfigDict:

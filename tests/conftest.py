@@ -27,6 +27,16 @@ TINY_GPT2 = dict(
     bos_token_id=999,
     eos_token_id=999,
 )
+# A Llama decoder as small as TINY_GPT2 (GQA: 4 query heads share 2 key/value heads).
+TINY_LLAMA = dict(
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    rms_norm_eps=1e-5,
+)
 # The three ways a GPT-2 folder stores its weights; load_pretrained must read all of them.
 GPT2_LAYOUTS = ("safetensors", "sharded", "pytorch_bin")
 
@@ -147,3 +157,47 @@ def minilm_torch(minilm_folder) -> transformers.BertModel:
 def minilm(minilm_folder):
     """``(model, params)`` of MiniLM loaded by our code (float32)."""
     return hf.load_pretrained(minilm_folder)
+
+
+def write_tiny_llama(folder, seed: int = 0, **config) -> transformers.LlamaForCausalLM:
+    """Save a random Llama (TINY_LLAMA + ``config``) with its own tokenizer into ``folder``.
+
+    The tokenizer is a byte-level BPE (any text encodes) trained on the synthetic corpus'
+    words, with Llama's specials: ``<s>`` BOS, ``</s>`` EOS and no pad token.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from research.data.synthetic import ASPECTS, SUMMARIES, VOICES
+
+    words = [*ASPECTS, *(w for voice in VOICES for w in voice), *SUMMARIES.values()]
+    corpus = [f"the {a} is {w} and but." for a in ASPECTS for w in words]
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    bpe.train_from_iterator(corpus, trainer)
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    hf_config = transformers.LlamaConfig(
+        **{**TINY_LLAMA, **config},
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(seed)
+    model = randomise_(transformers.LlamaForCausalLM(hf_config), seed)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_torch_and_folder(tmp_path_factory):
+    """``(transformers' LlamaForCausalLM, its folder with tokenizer)``, random weights."""
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    return write_tiny_llama(folder), folder

@@ -7,14 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from research.data.arrays import Ragged, TokenizedSplit
-from research.data.batching import (
-    DECODER_PAD,
-    ENCODER_PAD,
-    EvalIterator,
-    TrainIterator,
-    epoch_plan,
-)
+from research.data.arrays import DECODER_PAD, ENCODER_PAD, Ragged, TokenizedSplit
+from research.data.batching import EvalIterator, TrainIterator, epoch_plan
 
 TARGET_BUCKETS = (8, 12, 22)
 ENCODER_BUCKETS = (16, 32, 64)

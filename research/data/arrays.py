@@ -65,6 +65,12 @@ class Ragged:
         return ids.astype(np.int32), mask.astype(np.int32)
 
 
+# Padding ids of GPT-2's <|endoftext|> and BERT's [PAD] (research/data/tokenizers.py); a split
+# built with other tokenizers carries theirs.
+DECODER_PAD = 50256
+ENCODER_PAD = 0
+
+
 @dataclass(frozen=True)
 class TokenizedSplit:
     """One split: its records and, per record (the ``example`` index), model inputs.
@@ -83,6 +89,8 @@ class TokenizedSplit:
     target_token_counts: np.ndarray
     decoder: Ragged
     encoder: Ragged | None
+    decoder_pad: int = DECODER_PAD
+    encoder_pad: int = ENCODER_PAD
 
     def __len__(self) -> int:
         return len(self.records)

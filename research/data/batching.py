@@ -12,10 +12,6 @@ import numpy as np
 
 from research.data.arrays import TokenizedSplit
 
-# GPT-2's <|endoftext|> is BOS, EOS and pad (research/data/tokenizers.py); BERT pads with 0.
-DECODER_PAD = 50256
-ENCODER_PAD = 0
-
 
 def bucket_length(longest: int, buckets: tuple[int, ...]) -> int:
     """The smallest bucket that holds ``longest`` tokens."""
@@ -44,7 +40,7 @@ def make_batch(
     safe_rows = np.where(batch_rows >= 0, batch_rows, 0)
     is_real = batch_rows >= 0
     length = bucket_length(int(split.decoder.lengths_of(real).max(initial=1)), target_buckets)
-    decoder_ids, decoder_mask = split.decoder.padded(batch_rows, length, DECODER_PAD)
+    decoder_ids, decoder_mask = split.decoder.padded(batch_rows, length, split.decoder_pad)
     batch = {
         "decoder_ids": decoder_ids,
         "decoder_mask": decoder_mask,
@@ -55,7 +51,7 @@ def make_batch(
     if split.encoder is not None:
         length = bucket_length(int(split.encoder.lengths_of(real).max(initial=1)), encoder_buckets)
         batch["encoder_ids"], batch["encoder_mask"] = split.encoder.padded(
-            batch_rows, length, ENCODER_PAD
+            batch_rows, length, split.encoder_pad
         )
     return batch
 

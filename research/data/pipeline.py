@@ -23,7 +23,7 @@ from transformers import PreTrainedTokenizerBase
 
 from research.data import tokenizers
 from research.data.arrays import Ragged, TokenizedSplit
-from research.data.batching import DECODER_PAD, ENCODER_PAD, EvalIterator, TrainIterator
+from research.data.batching import EvalIterator, TrainIterator
 from research.data.config import SPLITS, effective_buckets, validate_data_config
 from research.data.encoder_inputs import encoder_rows, training_histories
 from research.data.loaders import LoadedData, load_records
@@ -261,12 +261,12 @@ def load_dataset(
     targets = {
         split: [target_text(records[p], cfg.target) for p in positions[split]] for split in SPLITS
     }
-    decoder_tok = decoder_tokenizer or tokenizers.gpt2_tokenizer(cfg.decoder_tokenizer or None)
+    decoder_tok = decoder_tokenizer or tokenizers.decoder_tokenizer(cfg.decoder_tokenizer or None)
     encoder_tok = encoder_tokenizer or tokenizers.encoder_tokenizer(cfg.encoder_tokenizer or None)
-    if decoder_tok.pad_token_id != DECODER_PAD or encoder_tok.pad_token_id != ENCODER_PAD:
+    if decoder_tok.pad_token_id is None or encoder_tok.pad_token_id is None:
         raise ValueError(
-            f"tokenizer pad ids {decoder_tok.pad_token_id}/{encoder_tok.pad_token_id} differ from "
-            f"the batch contract's {DECODER_PAD}/{ENCODER_PAD} (data.*_tokenizer)"
+            f"data.decoder_tokenizer/data.encoder_tokenizer: pad ids {decoder_tok.pad_token_id}/"
+            f"{encoder_tok.pad_token_id}; both tokenizers need a pad token"
         )
 
     arrays = None
@@ -294,6 +294,8 @@ def load_dataset(
             target_token_counts=arrays[f"{split}/target_token_counts"],
             decoder=Ragged(arrays[f"{split}/decoder_values"], arrays[f"{split}/decoder_offsets"]),
             encoder=encoder,
+            decoder_pad=decoder_tok.pad_token_id,
+            encoder_pad=encoder_tok.pad_token_id,
         )
     report = _report(cfg, loaded, splits, users, items)
     if workdir is not None:
