@@ -15,8 +15,9 @@ from pathlib import Path
 import ml_collections
 
 from research.config import default_config
-from research.eval.ablate import grid_runs, write_results
+from research.eval.ablate import grid_runs
 from research.eval.evaluate import evaluate_run
+from research.eval.tables import write_results
 from research.train.loop import train
 
 METHODS = ("none", "prefix")
@@ -56,7 +57,7 @@ def run_demo(workdir: str | Path = "runs/demo", overrides=()) -> None:
         train(cfg, rundir, ["research", "demo", "--workdir", str(workdir)])
         print(f"[{i}/{len(runs)}] evaluating '{cell}' on the test split")
         evaluate_run(rundir, "test")
-    write_results(workdir, [(cell, seed) for cell, seed, _ in runs], "test")
+    write_results(workdir, "test", list(METHODS))
     print("\nTest-split metrics (PEPLER-compatible BLEU/ROUGE x100):\n")
     print((workdir / "results.md").read_text())
     print(side_by_side(workdir, count=5))

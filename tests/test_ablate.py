@@ -1,4 +1,8 @@
-"""End to end: a tiny ablation trains, evaluates, skips finished cells, and reproduces itself."""
+"""End to end: a tiny ablation trains, evaluates, skips finished cells, and reproduces itself.
+
+The fixture runs it as a researcher adding to it would: one method from the command line
+first, then the other, so the tables must hold cells of both runs.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from research.eval.ablate import results_markdown, run_ablation
+from research import cli
+from research.config import ConfigError
+from research.eval.ablate import command_grid, run_ablation
 from research.eval.evaluate import evaluate_run
+from research.eval.tables import results_markdown
 
 CONFIG = Path(__file__).parent / "configs" / "tiny_ablation.py"
 CELLS = ("none", "id_prompt")
@@ -18,7 +25,9 @@ CELLS = ("none", "id_prompt")
 @pytest.fixture(scope="module")
 def ablation(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("ablation")
-    run_ablation(CONFIG, workdir)
+    for method in CELLS:
+        argv = ["ablate", "--config", str(CONFIG), "--workdir", str(workdir)]
+        assert cli.main([*argv, "--axis", f"model.conditioning={method}", "--seeds", "0,1"]) == 0
     return workdir
 
 
@@ -43,8 +52,9 @@ def test_every_run_lands_with_metrics_and_tables(ablation: Path):
     assert sorted((r["cell"], r["seed"]) for r in rows) == sorted(
         (c, str(s)) for c in CELLS for s in (0, 1)
     )
-    table = (ablation / "results.md").read_text().splitlines()
-    assert [line.split("|")[1].strip() for line in table[2:]] == list(CELLS)
+    table = [line for line in (ablation / "results.md").read_text().splitlines() if "|" in line]
+    # Both partial runs' cells: the last run's first, then the other one.
+    assert [line.split("|")[1].strip() for line in table[2:]] == list(CELLS)[::-1]
     assert all(line.split("|")[2].strip() == "2" for line in table[2:])
 
 
@@ -63,15 +73,48 @@ def test_same_config_and_seed_give_identical_metrics(ablation: Path):
     assert (rundir / "eval" / "test" / "metrics.json").read_text() == first
 
 
-def test_results_markdown_marks_best_per_column():
+def test_dry_run_lists_the_plan_and_runs_nothing(ablation: Path, capsys):
+    before = sorted(p.relative_to(ablation) for p in ablation.rglob("*"))
+    run_ablation(CONFIG, ablation, seeds="0,2", dry_run=True)
+    out = capsys.readouterr().out
+    assert "4 runs, 2 to run" in out
+    assert "none seed 0: done" in out and "id_prompt seed 2: to run" in out
+    assert sorted(p.relative_to(ablation) for p in ablation.rglob("*")) == before
+
+
+def test_grid_from_the_command_line():
+    grid = command_grid(CONFIG, "3,4", ["model.conditioning=none,prefix", "train.steps=2,3"])
+    assert grid == {
+        "axes": {"model.conditioning": ["none", "prefix"], "train.steps": ["2", "3"]},
+        "seeds": [3, 4],
+    }
+    with pytest.raises(ConfigError, match="--axis"):
+        command_grid(CONFIG, None, ["model.conditioning"])
+    with pytest.raises(ConfigError, match="--seeds"):
+        command_grid(CONFIG, "a,b")
+
+
+def test_ablate_help_shows_grid_options_and_overrides(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["ablate", "--help"])
+    out = capsys.readouterr().out
+    assert all(o in out for o in ("--seeds", "--axis", "--dry-run", "--config.KEY=VALUE"))
+
+
+def test_results_markdown_marks_best_by_direction_and_formats_per_metric():
     rows = [
-        {"cell": "a", "seed": 0, "bleu1": 1.0, "perplexity": 5.0},
-        {"cell": "a", "seed": 1, "bleu1": 3.0, "perplexity": 7.0},
-        {"cell": "b", "seed": 0, "bleu1": 4.0, "perplexity": 9.0},
+        {"cell": "a", "seed": 0, "bleu1": 1.0, "usr": 0.001, "perplexity": 5.0, "rmse": 1.2},
+        {"cell": "a", "seed": 1, "bleu1": 3.0, "usr": 0.017, "perplexity": 7.0, "rmse": 1.0},
+        {"cell": "b", "seed": 0, "bleu1": 4.0, "usr": 0.0125, "perplexity": 9.0, "rmse": 0.9},
     ]
     lines = results_markdown(rows).splitlines()
-    assert lines[2] == "| a | 2 | 2.00 ± 1.41 | **6.00 ± 1.41** |"
-    assert lines[3] == "| b | 1 | **4.00 ± 0.00** | 9.00 ± 0.00 |"
+    assert lines[0] == "| cell | n | bleu1 | usr | perplexity | rmse |"
+    # a: two seeds (mean ± sample std); b: one seed, so no "± 0.00".
+    assert lines[2] == "| a | 2 | 2.00 ± 1.41 | 0.009 ± 0.011 | **6.00 ± 1.41** | 1.100 ± 0.141 |"
+    assert lines[3] == "| b | 1 | **4.00** | **0.013** | 9.00 | **0.900** |"
+    assert "lower is better for perplexity, rmse" in lines[5]
+    assert "fmr, fcr, div (the data has no feature words)" in lines[6]
+    assert "mae (no run predicts ratings)" in lines[6]
 
 
 def test_notebook_executes_on_the_ablation(ablation: Path, monkeypatch):

@@ -1,6 +1,6 @@
 """Ablation runner: a grid of settings x seeds, each trained and evaluated in its own workdir.
 
-An ablation config file has ``get_config()`` (the base experiment) and ``get_grid()``::
+An ablation config file has ``get_config()`` (the base experiment) and may have ``get_grid()``::
 
     def get_grid():
         return {
@@ -8,49 +8,76 @@ An ablation config file has ``get_config()`` (the base experiment) and ``get_gri
             "seeds": [0, 1],
         }
 
+The command line changes the grid without a new file: ``--seeds 0,1,2`` replaces the seeds,
+``--axis KEY=v1,v2`` replaces (or adds) one axis, ``--config.KEY=VALUE`` overrides the base.
 Each cell (one value per axis) and seed runs in ``DIR/<cell>/seed<k>/`` (the cell name joins
-the values, e.g. ``prefix`` or ``prefix__user_history``). A run whose
-``eval/<split>/metrics.json`` exists is skipped, so rerunning finishes an interrupted ablation.
-``DIR/results.csv`` has one row per run; ``DIR/results.md`` the mean +- std per cell with the
-best value per column in bold.
+the values, e.g. ``prefix`` or ``prefix__user_history``; ``base`` when there are no axes). A
+run whose ``eval/<split>/metrics.json`` exists is skipped, so only missing cells run, and an
+interrupted run resumes. ``--dry-run`` prints that plan and runs nothing. The tables
+(``research.eval.tables``) are rebuilt from every finished run under ``DIR``, so adding a seed
+to one method keeps the others' rows.
 """
 
 from __future__ import annotations
 
-import csv
 import itertools
-import json
-import statistics
 from pathlib import Path
 from typing import Any
 
 import ml_collections
 
 from research.config import ConfigError, apply_override, load_config_file, validate
-from research.eval.evaluate import MAIN_METRICS, evaluate_run
+from research.eval.evaluate import evaluate_run
+from research.eval.tables import write_results
 from research.train.loop import train
-
-# Metrics where lower is better (bold marks the minimum).
-LOWER_IS_BETTER = {"perplexity", "div"}
-TABLE_METRICS = (*MAIN_METRICS, "fmr", "fcr", "div", "perplexity")
 
 
 def load_grid(path: str | Path) -> dict[str, Any]:
+    """The file's ``get_grid()``, or an empty grid (no axes, seed 0) when it has none."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(f"research_grid_{Path(path).stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    if not hasattr(module, "get_grid"):
-        raise ConfigError(f"{path} defines no get_grid(); an ablation config needs one")
-    grid = module.get_grid()
-    if not grid.get("axes") or not grid.get("seeds"):
-        raise ConfigError(f"{path}: get_grid() must return non-empty 'axes' and 'seeds'")
+    grid = module.get_grid() if hasattr(module, "get_grid") else {}
+    return {"axes": dict(grid.get("axes", {})), "seeds": list(grid.get("seeds", [0]))}
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``"0,1,2"`` -> ``[0, 1, 2]``."""
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"--seeds {text!r}: expected integers separated by commas") from None
+    if not seeds:
+        raise ConfigError("--seeds is empty; e.g. --seeds 0,1,2")
+    return seeds
+
+
+def parse_axis(text: str) -> tuple[str, list[str]]:
+    """``"model.conditioning=none,prefix"`` -> ``("model.conditioning", ["none", "prefix"])``."""
+    key, sep, values = text.partition("=")
+    choices = [v for v in values.split(",") if v]
+    if not sep or not key or not choices:
+        raise ConfigError(f"--axis {text!r}: write --axis KEY=VALUE1,VALUE2")
+    return key.removeprefix("config."), choices
+
+
+def command_grid(
+    config_path: str | Path, seeds: str | None = None, axes: list[str] = ()
+) -> dict[str, Any]:
+    """The file's grid with the command line's ``--seeds`` and ``--axis`` applied."""
+    grid = load_grid(config_path)
+    if seeds is not None:
+        grid["seeds"] = parse_seeds(seeds)
+    for text in axes:
+        key, values = parse_axis(text)
+        grid["axes"][key] = values
     return grid
 
 
 def cell_name(values: dict[str, Any]) -> str:
-    return "__".join(str(v).replace("/", "-") for v in values.values())
+    return "__".join(str(v).replace("/", "-") for v in values.values()) or "base"
 
 
 def grid_runs(
@@ -63,7 +90,7 @@ def grid_runs(
         values = dict(zip(axes, combo, strict=True))
         for seed in grid["seeds"]:
             cfg = ml_collections.ConfigDict(base.to_dict())
-            for key, value in (*((k, str(v)) for k, v in values.items()), *overrides):
+            for key, value in (*overrides, *((k, str(v)) for k, v in values.items())):
                 apply_override(cfg, key, value)
             cfg.seed = int(seed)
             validate(cfg)
@@ -71,65 +98,52 @@ def grid_runs(
     return runs
 
 
-def run_ablation(config_path: str | Path, workdir: str | Path, overrides=()) -> Path:
+def run_status(rundir: Path, split: str) -> str:
+    if (rundir / "eval" / split / "metrics.json").exists():
+        return "done"
+    if (rundir / "checkpoints").is_dir() and any((rundir / "checkpoints").iterdir()):
+        return "to resume"
+    return "to run"
+
+
+def run_ablation(
+    config_path: str | Path,
+    workdir: str | Path,
+    overrides=(),
+    seeds: str | None = None,
+    axes: list[str] = (),
+    dry_run: bool = False,
+    command: list[str] | None = None,
+) -> Path:
     """Train and evaluate every grid run not yet finished; write the result tables."""
-    base, grid = load_config_file(config_path), load_grid(config_path)
+    base, grid = load_config_file(config_path), command_grid(config_path, seeds, axes)
     workdir = Path(workdir)
     runs = grid_runs(base, grid, overrides)
     split = base.eval.split
-    for i, (cell, seed, cfg) in enumerate(runs, 1):
+    statuses = [run_status(workdir / cell / f"seed{seed}", split) for cell, seed, _ in runs]
+    missing = sum(s != "done" for s in statuses)
+    axes_text = ", ".join(f"{k} in {v}" for k, v in grid["axes"].items()) or "no axes"
+    print(f"Grid: {axes_text}; seeds {grid['seeds']}: {len(runs)} runs, {missing} to run.")
+    command = command or [
+        "research",
+        "ablate",
+        "--config",
+        str(config_path),
+        "--workdir",
+        str(workdir),
+    ]
+    for i, ((cell, seed, cfg), status) in enumerate(zip(runs, statuses, strict=True), 1):
         rundir = workdir / cell / f"seed{seed}"
-        if (rundir / "eval" / split / "metrics.json").exists():
-            print(f"[{i}/{len(runs)}] {cell} seed {seed}: done, skipped")
+        if dry_run or status == "done":
+            print(
+                f"[{i}/{len(runs)}] {cell} seed {seed}: {status}" + ("" if dry_run else ", skipped")
+            )
             continue
         print(f"[{i}/{len(runs)}] {cell} seed {seed}: training in {rundir}")
-        command = ["research", "ablate", "--config", str(config_path), "--workdir", str(workdir)]
         train(cfg, rundir, command)
         evaluate_run(rundir, split)
-    write_results(workdir, [(cell, seed) for cell, seed, _ in runs], split)
+    if dry_run:
+        return workdir
+    write_results(workdir, split, list(dict.fromkeys(cell for cell, _, _ in runs)))
     print(f"Results: {workdir / 'results.md'} and {workdir / 'results.csv'}")
     return workdir
-
-
-def write_results(workdir: Path, runs: list[tuple[str, int]], split: str) -> None:
-    rows = []
-    for cell, seed in runs:
-        metrics = json.loads(
-            (workdir / cell / f"seed{seed}" / "eval" / split / "metrics.json").read_text()
-        )
-        rows.append({"cell": cell, "seed": seed, **metrics})
-    columns = ["cell", "seed", *sorted({k for r in rows for k in r} - {"cell", "seed"})]
-    with (workdir / "results.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    (workdir / "results.md").write_text(results_markdown(rows))
-
-
-def results_markdown(rows: list[dict[str, Any]]) -> str:
-    """Mean +- std per cell (over seeds); the best cell per column in bold."""
-    cells = list(dict.fromkeys(r["cell"] for r in rows))
-    metrics = [m for m in TABLE_METRICS if all(m in r for r in rows)]
-    stats = {}
-    for cell in cells:
-        for metric in metrics:
-            values = [float(r[metric]) for r in rows if r["cell"] == cell]
-            std = statistics.stdev(values) if len(values) > 1 else 0.0
-            stats[cell, metric] = (statistics.fmean(values), std, len(values))
-    best = {}
-    for metric in metrics:
-        pick = min if metric in LOWER_IS_BETTER else max
-        best[metric] = pick(cells, key=lambda c, m=metric: stats[c, m][0])
-    lines = [
-        "| cell | seeds | " + " | ".join(metrics) + " |",
-        "|---|---|" + "---|" * len(metrics),
-    ]
-    for cell in cells:
-        values = []
-        for metric in metrics:
-            mean, std, _ = stats[cell, metric]
-            text = f"{mean:.2f} ± {std:.2f}"
-            values.append(f"**{text}**" if best[metric] == cell else text)
-        seeds = stats[cell, metrics[0]][2] if metrics else 0
-        lines.append(f"| {cell} | {seeds} | " + " | ".join(values) + " |")
-    return "\n".join(lines) + "\n"
