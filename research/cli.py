@@ -5,6 +5,8 @@
   research generate --workdir DIR --text "conditioning text"
   research evaluate --workdir DIR --split test [--config.x=y ...]
   research ablate   --config experiments/configs/ablation_NAME.py --workdir DIR
+                    [--seeds 0,1,2] [--axis model.conditioning=none,prefix] [--dry-run]
+  research config   --config experiments/configs/NAME.py [--config.x=y ...]   (or --workdir DIR)
   research data stats --config experiments/configs/NAME.py
   research params   --config experiments/configs/NAME.py
   research bench    [--only NAME] [--json FILE] [--smoke]
@@ -18,14 +20,28 @@ from __future__ import annotations
 import argparse
 import sys
 
+OVERRIDES_HELP = (
+    "Any config key can be overridden as --config.KEY=VALUE (e.g. --config.train.steps=50, "
+    "--config.sampling.repetition_penalty=1.2); `research config` prints the result."
+)
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="research",
         description="Encoder-conditioned review generation (JAX/Flax).",
-        epilog="Config keys are overridden as --config.KEY=VALUE, e.g. --config.train.steps=50.",
+        epilog=OVERRIDES_HELP,
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    subparsers = parser.add_subparsers(dest="command", required=True)
+
+    class _Sub:
+        """``add_parser`` that puts the overrides note under every subcommand's --help."""
+
+        def add_parser(self, name, **kwargs):
+            kwargs.setdefault("description", kwargs.get("help"))
+            return subparsers.add_parser(name, epilog=OVERRIDES_HELP, **kwargs)
+
+    sub = _Sub()
 
     p = sub.add_parser("train", help="train (or resume) a run in a workdir")
     p.add_argument("--config", required=True, help="experiments/configs/NAME.py")
@@ -43,9 +59,26 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", required=True)
     p.add_argument("--split", default="test")
 
-    p = sub.add_parser("ablate", help="train and evaluate a grid of conditioning methods x seeds")
-    p.add_argument("--config", required=True)
-    p.add_argument("--workdir", required=True)
+    p = sub.add_parser("ablate", help="train and evaluate a grid of settings x seeds")
+    p.add_argument("--config", required=True, help="experiments/configs/ablation_NAME.py")
+    p.add_argument("--workdir", required=True, help="one folder per cell and seed goes here")
+    p.add_argument("--seeds", help="comma-separated seeds, replacing the file's, e.g. 0,1,2")
+    p.add_argument(
+        "--axis",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2",
+        help="a grid axis, replacing the file's axis of that key (repeatable), "
+        "e.g. model.conditioning=none,prefix",
+    )
+    p.add_argument(
+        "--dry-run", action="store_true", help="print the runs and which are done; run nothing"
+    )
+
+    p = sub.add_parser("config", help="print the resolved config (file + overrides, or a run's)")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--config", help="experiments/configs/NAME.py (default: the defaults)")
+    source.add_argument("--workdir", help="a run's folder: print the config saved in run.json")
 
     p = sub.add_parser("data", help="data utilities")
     data_sub = p.add_subparsers(dest="data_command", required=True)
@@ -101,7 +134,25 @@ def _dispatch(args, overrides, argv) -> int | None:
     elif args.command == "ablate":
         from research.eval.ablate import run_ablation
 
-        run_ablation(args.config, args.workdir, overrides)
+        run_ablation(
+            args.config,
+            args.workdir,
+            overrides,
+            seeds=args.seeds,
+            axes=args.axis,
+            dry_run=args.dry_run,
+            command=["research", *argv],
+        )
+    elif args.command == "config":
+        from research.config import flat_items
+
+        if args.workdir:
+            from research.eval.evaluate import run_config
+
+            cfg = run_config(args.workdir, overrides)
+        else:
+            cfg = load_config(args.config, overrides)
+        print("\n".join(f"{key}={value!r}" for key, value in flat_items(cfg)))
     elif args.command == "data":
         from research.data.stats import data_stats
 

@@ -165,6 +165,17 @@ def _keys(cfg: ml_collections.ConfigDict, prefix: str = "") -> set[str]:
     return out
 
 
+def flat_items(cfg: ml_collections.ConfigDict, prefix: str = "") -> list[tuple[str, Any]]:
+    """(dotted key, value) of every leaf, sorted: what ``research config`` prints."""
+    out = []
+    for key, value in sorted(cfg.items()):
+        if isinstance(value, ml_collections.ConfigDict):
+            out += flat_items(value, f"{prefix}{key}.")
+        else:
+            out.append((f"{prefix}{key}", value))
+    return out
+
+
 def _unknown_key_error(key: str, known: Iterable[str]) -> ConfigError:
     close = difflib.get_close_matches(key, sorted(known), n=3)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
