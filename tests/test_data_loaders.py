@@ -153,6 +153,69 @@ def test_jsonl_with_column_mapping_and_no_rating(tmp_path):
     ]
 
 
+# 2017-07-30T14:44:10Z, written in the forms real files use.
+WHEN = 1501425850
+TIMESTAMPS = {
+    "epoch number": (WHEN, ""),
+    "epoch text": (str(WHEN), ""),
+    "ISO 8601 with zone": ("2017-07-30T07:44:10-07:00", ""),
+    "ISO 8601 Z": ("2017-07-30T14:44:10Z", ""),
+    "ISO 8601 zoneless (UTC)": ("2017-07-30 14:44:10", ""),
+    "Twitter style": ("Sun Jul 30 07:44:10 -0700 2017", "%a %b %d %H:%M:%S %z %Y"),
+    "day/month/year": ("30/07/2017 14:44:10", "%d/%m/%Y %H:%M:%S"),
+}
+
+
+@pytest.mark.parametrize("source", ["jsonl", "csv"])
+@pytest.mark.parametrize("case", TIMESTAMPS)
+def test_timestamp_formats(tmp_path, source, case):
+    value, fmt = TIMESTAMPS[case]
+    if source == "csv":
+        path = tmp_path / "r.csv"
+        path.write_text(f'user,item,rating,text,when\nu,i,5,Good.,"{value}"\n')
+    else:
+        row = {"user": "u", "item": "i", "rating": 5, "text": "Good.", "when": value}
+        path = write_lines(tmp_path / "r.jsonl", [row])
+    cfg = config(source, path, timestamp_format=fmt)
+    cfg.columns.timestamp = "when"
+    assert load_records(cfg).records[0].timestamp == WHEN
+
+
+def test_yelp_and_amazon_dates_in_other_formats(tmp_path):
+    yelp = {"user_id": "U", "business_id": "B", "stars": 4, "text": "Ok.", "date": "2017-07-30"}
+    cfg = config("yelp", write_lines(tmp_path / "y.json", [yelp]))
+    assert load_records(cfg).records[0].timestamp == WHEN - (14 * 3600 + 44 * 60 + 10)
+    amazon = amazon_2014(unixReviewTime="Sun Jul 30 07:44:10 -0700 2017")
+    cfg = config("amazon", write_lines(tmp_path / "a.json", [amazon]))
+    cfg.timestamp_format = "%a %b %d %H:%M:%S %z %Y"
+    assert load_records(cfg).records[0].timestamp == WHEN
+
+
+def test_bad_timestamp_names_file_line_and_expected_format(tmp_path):
+    rows = [{"user": "u", "item": "i", "text": "A.", "when": "2017-07-30"}] * 2
+    rows.append({"user": "u", "item": "i", "text": "B.", "when": "30.07.2017"})
+    cfg = config("jsonl", write_lines(tmp_path / "r.jsonl", rows), timestamp_format="%Y-%m-%d")
+    cfg.columns.update(rating="", timestamp="when")
+    with pytest.raises(
+        BadRowError,
+        match=r"r\.jsonl:3: wrong type: field 'when'='30\.07\.2017' does not match "
+        r"data\.timestamp_format='%Y-%m-%d'",
+    ):
+        load_records(cfg)
+
+
+def test_file_of_only_bad_rows_errors_at_once_with_the_counts(tmp_path):
+    rows = [{"user": "u", "item": "i", "text": "A.", "when": "Sun Jul 30 07:44:10 -0700 2017"}]
+    cfg = config("jsonl", write_lines(tmp_path / "r.jsonl", rows * 3), on_bad_row="skip")
+    cfg.columns.update(rating="", timestamp="when")
+    with pytest.raises(BadRowError) as error:
+        load_records(cfg)
+    message = str(error.value)
+    assert message.startswith(f"{tmp_path / 'r.jsonl'}: every row is bad")
+    assert "3 rows read, skipped: 3 wrong_type (first: " in message
+    assert "r.jsonl:1: wrong type: field 'when'" in message and "timestamp_format" in message
+
+
 def test_csv_missing_column_names_the_key(tmp_path):
     path = tmp_path / "r.csv"
     path.write_text("user,item,rating,body\nu,i,1,t\n")
@@ -193,7 +256,7 @@ JSON_BAD_ROWS = {
     ),
     "wrong_type_time": (
         json.dumps(amazon_2014(unixReviewTime="soon")),
-        r"wrong type: field 'unixReviewTime' is a str, expected a number",
+        r"wrong type: field 'unixReviewTime'='soon' does not match epoch seconds or ISO 8601",
     ),
     "empty_text": (json.dumps(amazon_2014(text=" \n ")), r"empty text: field 'reviewText'"),
 }

@@ -51,6 +51,9 @@ def data_config() -> ml_collections.ConfigDict:
             "summary": "",
         }
     )
+    # How text timestamps are read: "" = epoch seconds or ISO 8601 ("2017-07-30 07:44:10",
+    # "2017-07-30T07:44:10-07:00"); else a strptime format, e.g. "%a %b %d %H:%M:%S %z %Y".
+    cfg.timestamp_format = ""
     # Rows with a missing field, empty text, wrong type, invalid UTF-8 or invalid JSON:
     # "error" stops at the first one naming file and line; "skip" drops and counts them by reason
     # in the data report (workdir/data_report.json).

@@ -14,8 +14,10 @@ Formats (``data.source``):
   optional ``date`` as "YYYY-MM-DD HH:MM:SS", read as UTC).
 * ``csv`` / ``jsonl``: any columns, named by ``data.columns``. user/item/text (and rating
   when mapped) must be present in every row; mapped timestamp/features/summary may be absent or
-  empty in a row. CSV features cells are "|"-separated; CSV rating/timestamp cells are parsed
-  as numbers.
+  empty in a row. CSV features cells are "|"-separated; CSV rating cells are parsed as numbers.
+
+Timestamps (every source) are epoch seconds, ISO 8601 text, or text in the strptime format
+``data.timestamp_format`` (see ``parse_timestamp``); zoneless times are UTC.
 
 JSON-lines and CSV files may be gzip-compressed (detected from the content). Lines are
 numbered from 1 (a CSV header is line 1); pickle records by their list position.
@@ -23,7 +25,8 @@ numbered from 1 (a CSV header is line 1); pickle records by their list position.
 Bad rows: ``missing_field`` (absent or null), ``empty_text`` (the target text is empty or
 blank), ``wrong_type``, ``invalid_utf8``, ``invalid_json``, and for CSV ``malformed_row`` (a
 cell count that differs from the header). With ``data.on_bad_row=error`` the first one raises
-``BadRowError`` naming file, line and field; with ``skip`` it is dropped and counted.
+``BadRowError`` naming file, line and field; with ``skip`` it is dropped and counted, and a
+file whose every row is bad raises ``BadRowError`` with the counts as soon as it is read.
 """
 
 from __future__ import annotations
@@ -91,6 +94,14 @@ class BadRowReport:
         if len(examples) < _EXAMPLES_PER_REASON:
             examples.append(message)
 
+    def summary(self) -> str:
+        """One line: counts by reason and the first example of each."""
+        parts = [
+            f"{self.skipped[reason]} {reason} (first: {self.examples[reason][0]})"
+            for reason in sorted(self.skipped)
+        ]
+        return f"{self.rows_read} rows read, skipped: " + "; ".join(parts)
+
     def to_dict(self) -> dict:
         return {
             "on_bad_row": self.on_bad_row,
@@ -157,13 +168,52 @@ def _number(value, key: str, text_cells: bool = False) -> float:
     return float(value)
 
 
-def _timestamp(value, key: str, text_cells: bool = False) -> int | None:
-    if value is None or (text_cells and value == ""):
+def parse_timestamp(value, key: str, fmt: str = "", text_cells: bool = False) -> int | None:
+    """Seconds since the epoch from a number, a numeric string, ISO 8601 text, or ``fmt``.
+
+    ``fmt`` (``data.timestamp_format``) is a ``datetime.strptime`` format, e.g. Twitter-style
+    ``"%a %b %d %H:%M:%S %z %Y"``; without one, text must be epoch seconds or ISO 8601 (e.g.
+    ``2017-07-30``, ``2017-07-30 07:44:10``, ``2017-07-30T07:44:10-07:00``). Times without a
+    zone are read as UTC. None or an empty cell means no timestamp.
+    """
+    if value is None or value == "":
         return None
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            if fmt:
+                parsed = datetime.strptime(text, fmt)
+            elif _is_number(text):
+                value, text_cells = text, True
+                parsed = None
+            else:
+                parsed = datetime.fromisoformat(text)
+        except ValueError:
+            expected = (
+                f"data.timestamp_format={fmt!r}"
+                if fmt
+                else "epoch seconds or ISO 8601 (for other text set data.timestamp_format "
+                "to a strptime format, e.g. '%a %b %d %H:%M:%S %z %Y')"
+            )
+            raise _BadRow(
+                "wrong_type", f"field '{key}'={value!r} does not match {expected}"
+            ) from None
+        if parsed is not None:
+            if parsed.tzinfo is None:
+                parsed = parsed.replace(tzinfo=UTC)
+            return int(parsed.timestamp())
     number = _number(value, key, text_cells)
     if number != int(number):
         raise _BadRow("wrong_type", f"field '{key}'={value!r} is not a whole number of seconds")
     return int(number)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _string(value, key: str) -> str:
@@ -205,14 +255,14 @@ def _features(value, key: str, separator: str | None) -> tuple[str, ...]:
 # Row parsers: one dict (a parsed JSON line or CSV row) to a Review.
 
 
-def _amazon_row(row: dict, target_field: str) -> Review:
+def _amazon_row(row: dict, target_field: str, timestamp_format: str = "") -> Review:
     review = Review(
         user=_identifier(row, "reviewerID"),
         item=_identifier(row, "asin"),
         rating=_number(_required(row, "overall"), "overall"),
         text=_string(_required(row, "reviewText"), "reviewText"),
         summary=_optional_string(row, "summary"),
-        timestamp=_timestamp(row.get("unixReviewTime"), "unixReviewTime"),
+        timestamp=parse_timestamp(row.get("unixReviewTime"), "unixReviewTime", timestamp_format),
     )
     if target_field == "summary":
         _check_target(review.summary, "summary")
@@ -221,17 +271,9 @@ def _amazon_row(row: dict, target_field: str) -> Review:
     return review
 
 
-def _yelp_row(row: dict) -> Review:
-    date = row.get("date")
-    timestamp = None
-    if date is not None:
-        try:
-            parsed = datetime.strptime(_string(date, "date"), "%Y-%m-%d %H:%M:%S")
-        except ValueError:
-            raise _BadRow(
-                "wrong_type", f"field 'date'={date!r} is not YYYY-MM-DD HH:MM:SS"
-            ) from None
-        timestamp = int(parsed.replace(tzinfo=UTC).timestamp())
+def _yelp_row(row: dict, timestamp_format: str = "") -> Review:
+    # Yelp's "YYYY-MM-DD HH:MM:SS" is ISO 8601 with a space; read as UTC.
+    timestamp = parse_timestamp(row.get("date"), "date", timestamp_format)
     review = Review(
         user=_identifier(row, "user_id"),
         item=_identifier(row, "business_id"),
@@ -243,7 +285,9 @@ def _yelp_row(row: dict) -> Review:
     return review
 
 
-def _mapped_row(row: dict, columns, target_field: str, text_cells: bool) -> Review:
+def _mapped_row(
+    row: dict, columns, target_field: str, text_cells: bool, timestamp_format: str = ""
+) -> Review:
     """A row of named columns; ``text_cells``: CSV, where every cell is text."""
     rating = None
     if columns.rating:
@@ -258,9 +302,10 @@ def _mapped_row(row: dict, columns, target_field: str, text_cells: bool) -> Revi
             columns.features,
             CSV_FEATURE_SEPARATOR if text_cells else None,
         ),
-        timestamp=_timestamp(
+        timestamp=parse_timestamp(
             row.get(columns.timestamp) if columns.timestamp else None,
             columns.timestamp,
+            timestamp_format,
             text_cells,
         ),
         summary=_optional_string(row, columns.summary),
@@ -373,7 +418,7 @@ def _csv_rows(path: Path, columns) -> Iterator[tuple[int, dict | _BadRow]]:
 
 
 def _parse_rows(rows, path: Path, parse, report: BadRowReport) -> list[Review]:
-    records = []
+    records, read_before = [], report.rows_read
     for number, row in rows:
         report.rows_read += 1
         try:
@@ -382,6 +427,8 @@ def _parse_rows(rows, path: Path, parse, report: BadRowReport) -> list[Review]:
             records.append(parse(row))
         except _BadRow as problem:
             report.bad_row(f"{path}:{number}", problem)
+    if report.rows_read > read_before and not records:
+        raise BadRowError(f"{path}: every row is bad, nothing to train on; {report.summary()}")
     return records
 
 
@@ -446,14 +493,23 @@ def load_records(cfg: ml_collections.ConfigDict) -> LoadedData:
     if cfg.source == "pepler":
         return _load_pepler(cfg, report)
     path = Path(cfg.path)
+    fmt = cfg.timestamp_format
     parse = {
-        "amazon": partial(_amazon_row, target_field=target_field),
-        "yelp": _yelp_row,
+        "amazon": partial(_amazon_row, target_field=target_field, timestamp_format=fmt),
+        "yelp": partial(_yelp_row, timestamp_format=fmt),
         "jsonl": partial(
-            _mapped_row, columns=cfg.columns, target_field=target_field, text_cells=False
+            _mapped_row,
+            columns=cfg.columns,
+            target_field=target_field,
+            text_cells=False,
+            timestamp_format=fmt,
         ),
         "csv": partial(
-            _mapped_row, columns=cfg.columns, target_field=target_field, text_cells=True
+            _mapped_row,
+            columns=cfg.columns,
+            target_field=target_field,
+            text_cells=True,
+            timestamp_format=fmt,
         ),
     }[cfg.source]
     rows = _csv_rows(path, cfg.columns) if cfg.source == "csv" else _json_lines(path)
