@@ -19,7 +19,7 @@ from typing import Any
 import ml_collections
 
 from research.data.config import data_config, validate_data_config
-from research.models.conditioning import POOLINGS, VALID_CONDITIONINGS, parse_conditioning
+from research.models import conditioning
 from research.models.generator import GROUPS
 from research.sampling import SamplingConfig, sampling_config
 from research.train.optim import SCHEDULES
@@ -35,11 +35,11 @@ def default_config() -> ml_collections.ConfigDict:
     cfg.data = data_config()
 
     cfg.model = ml_collections.ConfigDict()
-    # One of research.models.conditioning.VALID_CONDITIONINGS, e.g. "prefix+id_prompt".
+    # One of research.models.conditioning.valid_conditionings(), e.g. "prefix+id_prompt".
     cfg.model.conditioning = "prefix"
-    cfg.model.prefix_length = 4
-    cfg.model.pooling = "mean"  # how prefix/additive summarise the encoder: cls or mean
-    cfg.model.cross_attention_every = 1  # cross-attention in every n-th decoder block
+    # Every registered method's hyperparameters (prefix_length, pooling, ...), with defaults.
+    for name, hp in conditioning.hyperparameters().items():
+        cfg.model[name] = hp.default
     cfg.model.dtype = "float32"  # compute dtype; parameters stay float32
     cfg.model.attention_impl = ""  # "" lets JAX choose; "cudnn" for fused GPU attention
     # Architectures used when init.decoder / init.encoder are empty (trained from scratch).
@@ -111,8 +111,6 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 CHOICES: dict[str, tuple] = {
-    "model.conditioning": VALID_CONDITIONINGS,
-    "model.pooling": POOLINGS,
     "model.dtype": DTYPES,
     "model.attention_impl": ATTENTION_IMPLS,
     "train.schedule": SCHEDULES,
@@ -130,8 +128,6 @@ POSITIVE = (
     "train.log_every",
     "train.checkpoint_every",
     "train.keep_checkpoints",
-    "model.prefix_length",
-    "model.cross_attention_every",
 )
 NON_NEGATIVE = (
     "train.warmup_steps",
@@ -205,7 +201,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         if not groups or set(groups) - set(GROUPS):
             raise ConfigError(f"{key}={groups!r}: choose a non-empty subset of {list(GROUPS)}")
     try:
-        parse_conditioning(cfg.model.conditioning)
+        conditioning.parse_conditioning(cfg.model.conditioning)
+        for name, hp in conditioning.hyperparameters().items():
+            hp.validate(cfg.model[name])
         validate_data_config(cfg.data)
         SamplingConfig.from_config(cfg.sampling)
     except ValueError as err:

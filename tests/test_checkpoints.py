@@ -22,6 +22,7 @@ from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
 from research.models import hf
+from research.models.decoder_inputs import DecoderInputs
 from research.models.gpt2 import GPT2Config, GPT2LMHead
 from tests.conftest import GPT2_LAYOUTS, TINY_GPT2
 
@@ -108,8 +109,10 @@ def test_save_refuses_params_transformers_cannot_hold(tiny_gpt2, tmp_path):
     model, _ = tiny_gpt2
     crossed = GPT2LMHead(model.config, cross_attention_every=1)
     ids = np.zeros((1, 4), np.int32)
-    encoder = dict(encoder_states=np.zeros((1, 2, 8), np.float32), encoder_mask=np.ones((1, 2)))
-    shapes = jax.eval_shape(crossed.init, jax.random.key(0), ids, **encoder)["params"]
+    encoder = DecoderInputs(
+        encoder_states=np.zeros((1, 2, 8), np.float32), encoder_mask=np.ones((1, 2))
+    )
+    shapes = jax.eval_shape(crossed.init, jax.random.key(0), ids, None, encoder)["params"]
     params = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), shapes)
     with pytest.raises(
         hf.CheckpointError, match=r"no Hugging Face gpt2 equivalent.*crossattention"

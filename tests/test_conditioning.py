@@ -82,7 +82,7 @@ def make_spec(decoder_config, conditioning: str) -> GeneratorSpec:
         decoder=decoder_config,
         encoder=TINY_ENCODER,
         conditioning=cond.parse_conditioning(conditioning),
-        prefix_length=2,
+        options={"prefix_length": 2},
         num_users=5,
         num_items=5,
     )
@@ -116,7 +116,8 @@ def test_zero_initialised_methods_leave_pretrained_logits_unchanged(pretrained_d
     np.testing.assert_allclose(np.asarray(ours), np.asarray(plain), atol=1e-5, rtol=0)
 
 
-METHODS = ["prefix", "cross_attention", "additive", "id_prompt", "prefix+id_prompt"]
+# Every combinable registered method alone, and one combination of two prefixes.
+METHODS = [name for name, m in cond.METHODS.items() if m.combinable] + ["prefix+id_prompt"]
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +142,7 @@ def test_each_method_fits_what_none_cannot(pretrained_decoder, none_loss, method
     ``none`` cannot go below the entropy of the hidden token (log 8 over 3 targets = 0.69 for
     the encoder task, 2 log 4 / 3 = 0.92 for the id task); conditioned methods reach ~0.
     """
-    by_ids = method == "id_prompt"
+    by_ids = not cond.needs_encoder(cond.parse_conditioning(method))  # the id task
     loss = _final_loss(pretrained_decoder, method, by_ids)
     assert none_loss[by_ids] > (0.9 if by_ids else 0.6)  # the floor: none truly can't fit
     assert loss < 0.7 * none_loss[by_ids], (method, loss, none_loss[by_ids])

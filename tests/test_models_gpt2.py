@@ -17,6 +17,7 @@ import transformers
 from flax import traverse_util
 
 from research.models import attention, hf
+from research.models.decoder_inputs import DecoderInputs
 from research.models.gpt2 import GPT2Config, GPT2LMHead, init_cache
 from tests.conftest import GPT2_LAYOUTS, TINY_GPT2, apply_model, mask_positions, randomise_
 
@@ -109,7 +110,7 @@ def test_prefix_embeds_match_pytorch_inputs_embeds(
     ids, mask = gpt2_batches[side]
     prefix = np.random.default_rng(1).normal(0, 0.5, (4, 3, TINY_GPT2["n_embd"]))
     prefix = prefix.astype(np.float32)
-    logits = apply_model(model, params, ids, attention_mask=mask, prefix_embeds=prefix)
+    logits = apply_model(model, params, ids, mask, DecoderInputs(prefix_embeds=prefix))
     assert logits.shape == (4, 3 + 12, TINY_GPT2["vocab_size"])
     with torch.no_grad():
         token_embeds = tiny_gpt2_torch.transformer.wte(torch.as_tensor(ids).long())
@@ -127,7 +128,7 @@ def test_embed_offset_matches_pytorch_inputs_embeds(
     ids, mask = gpt2_batches["left"]
     offset = np.random.default_rng(2).normal(0, 0.5, (4, TINY_GPT2["n_embd"]))
     offset = offset.astype(np.float32)
-    logits = apply_model(model, params, ids, attention_mask=mask, embed_offset=offset)
+    logits = apply_model(model, params, ids, mask, DecoderInputs(embed_offset=offset))
     with torch.no_grad():
         embeds = tiny_gpt2_torch.transformer.wte(torch.as_tensor(ids).long())
     embeds = embeds + torch.as_tensor(offset)[:, None, :]
@@ -214,7 +215,13 @@ def test_kv_cache_with_prefix_matches_pytorch(
     )
     cache = init_cache(model.config, batch=3, max_len=full_mask.shape[1])
     logits, cache = apply_model(
-        model, params, ids, full_mask, prefix_embeds=prefix, cache=cache, cache_index=0
+        model,
+        params,
+        ids,
+        full_mask,
+        DecoderInputs(prefix_embeds=prefix),
+        cache=cache,
+        cache_index=0,
     )
     steps = [logits]
     for j in range(3):
@@ -271,8 +278,8 @@ def test_cross_attention_matches_pytorch(tiny_gpt2, cross_attention_torch, gpt2_
     rng = np.random.default_rng(4)
     encoder_states = rng.normal(0, 1, (4, 5, config.n_embd)).astype(np.float32)
     encoder_mask = (np.arange(5)[None, :] < np.array([[5], [3], [1], [4]])).astype(np.int32)
-    encoder = dict(encoder_states=encoder_states, encoder_mask=encoder_mask)
-    logits = apply_model(model, params, ids, mask, **encoder)
+    encoder = DecoderInputs(encoder_states=encoder_states, encoder_mask=encoder_mask)
+    logits = apply_model(model, params, ids, mask, encoder)
 
     with torch.no_grad():
         expected = cross_attention_torch(
@@ -285,7 +292,7 @@ def test_cross_attention_matches_pytorch(tiny_gpt2, cross_attention_torch, gpt2_
     assert max_abs_diff(valid(logits, mask), valid(expected, mask)) < PARITY_TOL
 
     cache = init_cache(config, batch=4, max_len=12)
-    first, cache = apply_model(model, params, ids[:, :10], mask, cache=cache, **encoder)
+    first, cache = apply_model(model, params, ids[:, :10], mask, encoder, cache=cache)
     steps = [first]
     for t in (10, 11):
         # The encoder's keys/values come from the cache after the prefill.
@@ -294,7 +301,7 @@ def test_cross_attention_matches_pytorch(tiny_gpt2, cross_attention_torch, gpt2_
             params,
             ids[:, t : t + 1],
             mask,
-            encoder_mask=encoder_mask,
+            encoder.for_steps(),
             cache=cache,
             cache_index=t,
         )
@@ -308,13 +315,15 @@ def test_fresh_cross_attention_leaves_pretrained_decoder_unchanged(tiny_gpt2, gp
     model, params = tiny_gpt2
     ids, mask = gpt2_batches["right"]
     crossed = GPT2LMHead(model.config, cross_attention_every=2)
-    encoder = dict(encoder_states=np.ones((4, 5, 16), np.float32), encoder_mask=np.ones((4, 5)))
-    fresh = jax.jit(crossed.init)(fast_key(0), ids, mask, **encoder)["params"]
+    encoder = DecoderInputs(
+        encoder_states=np.ones((4, 5, 16), np.float32), encoder_mask=np.ones((4, 5))
+    )
+    fresh = jax.jit(crossed.init)(fast_key(0), ids, mask, encoder)["params"]
     assert set(fresh["h_1"]) == {"ln_1", "attn", "ln_2", "mlp", "ln_cross_attn", "crossattention"}
     assert "crossattention" not in fresh["h_0"]
     merged = {**fresh, **{k: v for k, v in params.items() if k != "h_1"}}
     merged["h_1"] = {**fresh["h_1"], **params["h_1"]}
-    with_cross = apply_model(crossed, merged, ids, mask, **encoder)
+    with_cross = apply_model(crossed, merged, ids, mask, encoder)
     plain = apply_model(model, params, ids, mask)
     assert max_abs_diff(valid(with_cross, mask), valid(plain, mask)) == 0.0
 

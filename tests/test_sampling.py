@@ -24,7 +24,7 @@ from research import sampling
 from research.data.tokenizers import gpt2_tokenizer
 from research.models import hf
 from research.models.bert import BertConfig
-from research.models.conditioning import VALID_CONDITIONINGS, needs_encoder, parse_conditioning
+from research.models.conditioning import METHODS, needs_encoder, parse_conditioning
 from research.models.generator import Generator, GeneratorSpec, init_generator
 from research.models.gpt2 import GPT2Config
 from research.sampling import runner
@@ -46,7 +46,7 @@ ENCODER = BertConfig(
     max_position_embeddings=32,
 )
 # Every single method, and one combination of two prefixes.
-CONDITIONINGS = tuple(c for c in VALID_CONDITIONINGS if "+" not in c) + ("prefix+id_prompt",)
+CONDITIONINGS = tuple(METHODS) + ("prefix+id_prompt",)
 
 
 @functools.cache
@@ -60,8 +60,7 @@ def tiny_generator(conditioning: str) -> tuple[Generator, dict]:
         DECODER,
         ENCODER if needs_encoder(methods) else None,
         methods,
-        prefix_length=3,
-        cross_attention_every=1,
+        options={"prefix_length": 3, "cross_attention_every": 1},
         num_users=5,
         num_items=7,
     )

@@ -25,7 +25,7 @@ def lm_model(setup: Setup, decoding: bool = False) -> Generator:
 def conditioned_model(setup: Setup) -> Generator:
     """The encoder (BERT/MiniLM) conditioning GPT-2 through cross-attention in every block."""
     spec = GeneratorSpec(
-        setup.decoder, setup.encoder, ("cross_attention",), cross_attention_every=1
+        setup.decoder, setup.encoder, ("cross_attention",), {"cross_attention_every": 1}
     )
     return Generator(spec, setup.jnp_dtype, setup.attention_impl)
 

@@ -10,7 +10,7 @@ import ml_collections
 
 from research import assets
 from research.models.bert import BertConfig
-from research.models.conditioning import needs_encoder, parse_conditioning
+from research.models.conditioning import hyperparameters, needs_encoder, parse_conditioning
 from research.models.generator import Generator, GeneratorSpec, init_generator, load_part
 from research.models.gpt2 import GPT2Config
 from research.models.hf import read_config
@@ -50,9 +50,7 @@ def build_generator(
             else None
         ),
         conditioning=methods,
-        prefix_length=cfg.model.prefix_length,
-        pooling=cfg.model.pooling,
-        cross_attention_every=cfg.model.cross_attention_every,
+        options={name: cfg.model[name] for name in hyperparameters(methods)},
         num_users=num_users,
         num_items=num_items,
     )

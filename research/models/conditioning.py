@@ -1,8 +1,8 @@
-"""How the encoder (or the user/item ids) reaches the GPT-2 decoder: one registry, one module each.
+"""How the encoder (or the user/item ids) reaches the decoder: one registry, one class each.
 
-Every method turns what it reads into :class:`DecoderInputs`, the three hooks of
-``research/models/gpt2.py``; methods combine with ``+`` (``prefix+id_prompt``) by summing their
-offsets and concatenating their prefixes. Sizes below: ``E`` encoder width, ``D`` decoder width,
+Every method turns what it reads into :class:`DecoderInputs`, the decoder's hooks; methods
+combine with ``+`` (``prefix+id_prompt``) by summing their offsets and concatenating their
+prefixes. Sizes below: ``E`` encoder width, ``D`` decoder width,
 ``k`` prefix length, ``U``/``I`` user/item table sizes, ``L`` decoder layers with cross-attention.
 
 ==================  ============================================  =============================
@@ -18,65 +18,120 @@ additive            the pooled encoder vector, projected, added   ``E*D + D``
 id_prompt           PEPLER's continuous prompt: a user and an     ``(U + I) * D``
                     item embedding as two prefix vectors
 ==================  ============================================  =============================
+
+A method is a :class:`ConditioningMethod` subclass decorated with :func:`register`; it declares
+its hyperparameters (config keys ``model.<name>`` with defaults and checks), the decoder
+sublayers whose parameters are its own, the batch ids it reads, and builds itself from the
+``GeneratorSpec`` (``from_spec``). The config defaults and validation, the valid combinations
+and the generator all read the registry, so a new method is one class (and its tests).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from research.models.decoder_inputs import DecoderInputs
+
 POOLINGS = ("cls", "mean")
 
 
-@dataclasses.dataclass
-class DecoderInputs:
-    """What conditioning hands the decoder (all optional)."""
+@dataclasses.dataclass(frozen=True)
+class Hyperparameter:
+    """A method's setting, read from ``model.<name>`` (config default: ``default``)."""
 
-    prefix_embeds: jax.Array | None = None  # [batch, prefix, D]
-    embed_offset: jax.Array | None = None  # [batch, D]
-    encoder_states: jax.Array | None = None  # [batch, enc_len, E]
-    encoder_mask: jax.Array | None = None  # [batch, enc_len]
+    name: str
+    default: Any
+    check: Callable[[Any], bool]
+    rule: str  # what ``check`` demands, for the error message
+    doc: str = ""
 
-    def merge(self, other: DecoderInputs) -> DecoderInputs:
-        prefixes = [p for p in (self.prefix_embeds, other.prefix_embeds) if p is not None]
-        offsets = [o for o in (self.embed_offset, other.embed_offset) if o is not None]
-        return DecoderInputs(
-            prefix_embeds=jnp.concatenate(prefixes, axis=1) if prefixes else None,
-            embed_offset=sum(offsets[1:], offsets[0]) if offsets else None,
-            encoder_states=_first(self.encoder_states, other.encoder_states),
-            encoder_mask=_first(self.encoder_mask, other.encoder_mask),
-        )
-
-    @property
-    def prefix_length(self) -> int:
-        return 0 if self.prefix_embeds is None else self.prefix_embeds.shape[1]
+    def validate(self, value: Any) -> None:
+        if not self.check(value):
+            raise ValueError(f"model.{self.name}={value!r}: {self.rule}")
 
 
-def _first(a, b):
-    return a if a is not None else b
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
-jax.tree_util.register_dataclass(
-    DecoderInputs,
-    data_fields=["prefix_embeds", "embed_offset", "encoder_states", "encoder_mask"],
-    meta_fields=[],
+POOLING = Hyperparameter(
+    "pooling",
+    "mean",
+    lambda v: v in POOLINGS,
+    f"valid choices are {list(POOLINGS)}",
+    "how prefix/additive summarise the encoder: cls or mean",
 )
 
 
 @dataclasses.dataclass(frozen=True)
 class Sources:
     """What a method may read. ``encoder_states`` ``[batch, enc_len, E]``, ``encoder_mask``
-    ``[batch, enc_len]``, ``user``/``item`` ``[batch]`` int ids (0 = unseen in training)."""
+    ``[batch, enc_len]``; ``ids`` the batch's per-row ids a method ``reads`` (``user``,
+    ``item``: ``[batch]`` int, 0 = unseen in training)."""
 
     encoder_states: jax.Array | None
     encoder_mask: jax.Array | None
-    user: jax.Array | None
-    item: jax.Array | None
+    ids: Mapping[str, jax.Array]
+
+
+class ConditioningMethod(nn.Module):
+    """Base of every method: ``__call__(sources) -> DecoderInputs`` plus what it declares.
+
+    Adding a method = a subclass decorated with :func:`register` (in its own module, or in a
+    test): config defaults, validation, the valid combinations and parameter groups follow.
+    """
+
+    method_name: ClassVar[str]
+    needs_encoder: ClassVar[bool] = False
+    combinable: ClassVar[bool] = True  # may join others with '+' (else only alone)
+    hyperparameters: ClassVar[tuple[Hyperparameter, ...]] = ()
+    # Decoder sublayer names whose parameters count as this method's (group "conditioning").
+    owned_decoder_params: ClassVar[tuple[str, ...]] = ()
+    reads: ClassVar[tuple[str, ...]] = ()  # per-row id keys of the batch, [batch] int
+
+    @classmethod
+    def from_spec(cls, spec: Any, dtype: Any) -> ConditioningMethod:
+        """The module for a ``GeneratorSpec`` (``spec.option(name)``, ``spec.d_model``)."""
+        return cls()
+
+    @classmethod
+    def decoder_options(cls, spec: Any) -> dict[str, Any]:
+        """Keyword arguments the decoder module needs for this method's hooks."""
+        return {}
+
+
+METHODS: dict[str, type[ConditioningMethod]] = {}
+
+
+def register(method: type[ConditioningMethod]) -> type[ConditioningMethod]:
+    """Add ``method`` to :data:`METHODS` under ``method.method_name`` (a class decorator)."""
+    if method.method_name in METHODS:
+        raise ValueError(f"conditioning method {method.method_name!r} is registered twice")
+    known = hyperparameters()
+    for hp in method.hyperparameters:
+        if hp.name in known and known[hp.name] != hp:
+            raise ValueError(
+                f"{method.method_name}: hyperparameter {hp.name!r} clashes with another"
+            )
+    METHODS[method.method_name] = method
+    return method
+
+
+def hyperparameters(methods: tuple[str, ...] | None = None) -> dict[str, Hyperparameter]:
+    """Every registered method's hyperparameters by name (or only those of ``methods``)."""
+    chosen = METHODS.values() if methods is None else [METHODS[m] for m in methods]
+    return {hp.name: hp for method in chosen for hp in method.hyperparameters}
+
+
+def owned_decoder_params() -> frozenset[str]:
+    return frozenset(name for m in METHODS.values() for name in m.owned_decoder_params)
 
 
 def pool(states: jax.Array, mask: jax.Array, how: str) -> jax.Array:
@@ -87,23 +142,36 @@ def pool(states: jax.Array, mask: jax.Array, how: str) -> jax.Array:
     return (states * weights).sum(1) / jnp.maximum(weights.sum(1), 1.0)
 
 
-class NoConditioning(nn.Module):
+@register
+class NoConditioning(ConditioningMethod):
     """``none``: the decoder sees only its own tokens; the baseline that cannot condition."""
 
-    needs_encoder: ClassVar[bool] = False
+    method_name: ClassVar[str] = "none"
+    combinable: ClassVar[bool] = False
 
     def __call__(self, sources: Sources) -> DecoderInputs:
         return DecoderInputs()
 
 
-class SoftPrefix(nn.Module):
+@register
+class SoftPrefix(ConditioningMethod):
     """``prefix``: pooled encoder output -> MLP -> ``k`` vectors prepended as a soft prompt."""
 
     d_model: int
     prefix_length: int = 4
     pooling: str = "mean"
     dtype: Any = jnp.float32
+
+    method_name: ClassVar[str] = "prefix"
     needs_encoder: ClassVar[bool] = True
+    hyperparameters: ClassVar[tuple[Hyperparameter, ...]] = (
+        Hyperparameter("prefix_length", 4, _positive_int, "must be a positive integer"),
+        POOLING,
+    )
+
+    @classmethod
+    def from_spec(cls, spec, dtype):
+        return cls(spec.d_model, spec.option("prefix_length"), spec.option("pooling"), dtype)
 
     @nn.compact
     def __call__(self, sources: Sources) -> DecoderInputs:
@@ -114,7 +182,8 @@ class SoftPrefix(nn.Module):
         return DecoderInputs(prefix_embeds=prefix.reshape(-1, self.prefix_length, self.d_model))
 
 
-class CrossAttentionConditioning(nn.Module):
+@register
+class CrossAttentionConditioning(ConditioningMethod):
     """``cross_attention``: hands all encoder states to the decoder's cross-attention blocks.
 
     The sublayers themselves live in the decoder (``research/models/gpt2.py``,
@@ -122,7 +191,22 @@ class CrossAttentionConditioning(nn.Module):
     count as conditioning parameters. Their output projection starts at zero.
     """
 
+    method_name: ClassVar[str] = "cross_attention"
     needs_encoder: ClassVar[bool] = True
+    hyperparameters: ClassVar[tuple[Hyperparameter, ...]] = (
+        Hyperparameter(
+            "cross_attention_every",
+            1,
+            _positive_int,
+            "must be a positive integer",
+            "cross-attention in every n-th decoder block",
+        ),
+    )
+    owned_decoder_params: ClassVar[tuple[str, ...]] = ("crossattention", "ln_cross_attn")
+
+    @classmethod
+    def decoder_options(cls, spec):
+        return {"cross_attention_every": spec.option("cross_attention_every")}
 
     def __call__(self, sources: Sources) -> DecoderInputs:
         return DecoderInputs(
@@ -130,13 +214,21 @@ class CrossAttentionConditioning(nn.Module):
         )
 
 
-class AdditiveConditioning(nn.Module):
+@register
+class AdditiveConditioning(ConditioningMethod):
     """``additive``: pooled encoder output, projected (zero-initialised), added to every token."""
 
     d_model: int
     pooling: str = "mean"
     dtype: Any = jnp.float32
+
+    method_name: ClassVar[str] = "additive"
     needs_encoder: ClassVar[bool] = True
+    hyperparameters: ClassVar[tuple[Hyperparameter, ...]] = (POOLING,)
+
+    @classmethod
+    def from_spec(cls, spec, dtype):
+        return cls(spec.d_model, spec.option("pooling"), dtype)
 
     @nn.compact
     def __call__(self, sources: Sources) -> DecoderInputs:
@@ -151,7 +243,8 @@ class AdditiveConditioning(nn.Module):
         return DecoderInputs(embed_offset=offset)
 
 
-class IdPrompt(nn.Module):
+@register
+class IdPrompt(ConditioningMethod):
     """``id_prompt``: PEPLER's continuous prompt, a learned user and item vector as a prefix.
 
     Id 0 is reserved for users/items unseen in training, so test-time strangers get a
@@ -161,13 +254,20 @@ class IdPrompt(nn.Module):
     d_model: int
     num_users: int
     num_items: int
-    needs_encoder: ClassVar[bool] = False
+
+    method_name: ClassVar[str] = "id_prompt"
+    reads: ClassVar[tuple[str, ...]] = ("user", "item")
+
+    @classmethod
+    def from_spec(cls, spec, dtype):
+        return cls(spec.d_model, spec.num_users, spec.num_items)
 
     @nn.compact
     def __call__(self, sources: Sources) -> DecoderInputs:
         user = nn.Embed(self.num_users, self.d_model, embedding_init=_pepler_uniform, name="user")
         item = nn.Embed(self.num_items, self.d_model, embedding_init=_pepler_uniform, name="item")
-        return DecoderInputs(prefix_embeds=jnp.stack([user(sources.user), item(sources.item)], 1))
+        prefix = jnp.stack([user(sources.ids["user"]), item(sources.ids["item"])], 1)
+        return DecoderInputs(prefix_embeds=prefix)
 
 
 def _pepler_uniform(key, shape, dtype=jnp.float32):
@@ -175,36 +275,32 @@ def _pepler_uniform(key, shape, dtype=jnp.float32):
     return jax.random.uniform(key, shape, dtype, -0.1, 0.1)
 
 
-METHODS: dict[str, type[nn.Module]] = {
-    "none": NoConditioning,
-    "prefix": SoftPrefix,
-    "cross_attention": CrossAttentionConditioning,
-    "additive": AdditiveConditioning,
-    "id_prompt": IdPrompt,
-}
-
-# Combinations that make sense: any set of the four real methods, in a canonical order
-# (`none` only alone). Prefixes concatenate in this order, offsets add up.
-_COMBINABLE = ("prefix", "cross_attention", "additive", "id_prompt")
-VALID_CONDITIONINGS: tuple[str, ...] = ("none",) + tuple(
-    "+".join(combo)
-    for n in range(1, len(_COMBINABLE) + 1)
-    for combo in itertools.combinations(_COMBINABLE, n)
-)
+def valid_conditionings() -> tuple[str, ...]:
+    """Every valid ``model.conditioning``: a non-combinable method alone, or any set of the
+    combinable ones joined in registration order (prefixes concatenate in it, offsets add)."""
+    alone = tuple(name for name, m in METHODS.items() if not m.combinable)
+    combinable = [name for name, m in METHODS.items() if m.combinable]
+    return alone + tuple(
+        "+".join(combo)
+        for n in range(1, len(combinable) + 1)
+        for combo in itertools.combinations(combinable, n)
+    )
 
 
 def parse_conditioning(spec: str) -> tuple[str, ...]:
     """``"prefix+id_prompt"`` -> ``("prefix", "id_prompt")``; errors list the valid choices."""
     parts = tuple(p.strip() for p in spec.split("+"))
-    canonical = tuple(m for m in _COMBINABLE if m in parts)
-    if parts == ("none",):
+    if len(parts) == 1 and parts[0] in METHODS and not METHODS[parts[0]].combinable:
         return parts
+    canonical = tuple(name for name, m in METHODS.items() if m.combinable and name in parts)
     unknown = [p for p in parts if p not in METHODS]
-    if unknown or "none" in parts or len(set(parts)) != len(parts) or not canonical:
+    if unknown or len(set(parts)) != len(parts) or len(canonical) != len(parts):
         problem = f"unknown method {unknown[0]!r}" if unknown else "impossible combination"
+        shown = list(valid_conditionings())
+        shown = shown if len(shown) < 40 else shown[:12] + ["..."]
         raise ValueError(
             f"model.conditioning={spec!r}: {problem}. Valid methods: {sorted(METHODS)}; "
-            f"combine with '+', e.g. 'prefix+id_prompt'. Valid choices: {list(VALID_CONDITIONINGS)}"
+            f"combine with '+', e.g. 'prefix+id_prompt'; valid choices: {shown}"
         )
     return canonical
 

@@ -4,7 +4,7 @@ Batches are dicts of arrays (``research/data``): ``decoder_ids``/``decoder_mask`
 ``encoder_ids``/``encoder_mask`` ``[batch, S]`` when an encoder is used, ``user``/``item``
 ``[batch]``. Parameters split into three groups that training can freeze separately:
 ``encoder``, ``decoder`` and ``conditioning`` (everything the conditioning method added,
-including the decoder's cross-attention sublayers).
+including the decoder sublayers a method owns, e.g. cross-attention).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from flax import traverse_util
 
 from research.models import conditioning as cond
 from research.models.bert import BertConfig, BertEncoder
+from research.models.decoder_inputs import DecoderInputs
 from research.models.gpt2 import GPT2Config, GPT2LMHead
 from research.models.hf import CheckpointError, load_pretrained
 
@@ -29,31 +30,55 @@ GROUPS = ("encoder", "decoder", "conditioning")
 
 @dataclasses.dataclass(frozen=True)
 class GeneratorSpec:
-    """Everything that fixes the generator's architecture (hashable, so jit can key on it)."""
+    """Everything that fixes the generator's architecture (hashable, so jit can key on it).
+
+    ``options`` holds the conditioning methods' hyperparameters (a mapping, kept as sorted
+    pairs); a missing one takes its registered default (:func:`GeneratorSpec.option`).
+    """
 
     decoder: GPT2Config
     encoder: BertConfig | None
     conditioning: tuple[str, ...] = ("none",)
-    prefix_length: int = 4
-    pooling: str = "mean"
-    cross_attention_every: int = 1
+    options: Any = ()
     num_users: int = 1
     num_items: int = 1
 
     def __post_init__(self):
+        options, known = dict(self.options), cond.hyperparameters()
+        for name, value in options.items():
+            if name not in known:
+                raise ValueError(f"model.{name} is no conditioning hyperparameter: {sorted(known)}")
+            known[name].validate(value)
+        object.__setattr__(self, "options", tuple(sorted(options.items())))
         if cond.needs_encoder(self.conditioning) and self.encoder is None:
             raise ValueError(
                 f"model.conditioning={'+'.join(self.conditioning)!r} reads the encoder, "
                 "but no encoder is configured (set model.encoder)"
             )
-        if self.pooling not in cond.POOLINGS:
-            raise ValueError(
-                f"model.pooling={self.pooling!r}: valid choices are {list(cond.POOLINGS)}"
-            )
+
+    def option(self, name: str) -> Any:
+        """A conditioning hyperparameter: as set, else its registered default."""
+        return dict(self.options).get(name, cond.hyperparameters()[name].default)
 
     @property
     def uses_encoder(self) -> bool:
         return cond.needs_encoder(self.conditioning)
+
+    @property
+    def d_model(self) -> int:
+        return self.decoder.n_embd
+
+    @property
+    def id_keys(self) -> tuple[str, ...]:
+        """The per-row id keys (``[batch]`` int) the conditioning reads from a batch."""
+        reads = (key for m in self.conditioning for key in cond.METHODS[m].reads)
+        return tuple(dict.fromkeys(reads))
+
+    @property
+    def batch_keys(self) -> tuple[str, ...]:
+        """Every batch key conditioning reads (decoding copies exactly these)."""
+        encoder_keys = ("encoder_ids", "encoder_mask") if self.uses_encoder else ()
+        return encoder_keys + self.id_keys
 
 
 class Generator(nn.Module):
@@ -65,21 +90,16 @@ class Generator(nn.Module):
 
     def setup(self):
         s = self.spec
-        every = s.cross_attention_every if "cross_attention" in s.conditioning else 0
-        self.decoder = GPT2LMHead(s.decoder, self.dtype, every, self.attention_impl)
+        methods = [cond.METHODS[name] for name in s.conditioning]
+        hooks = {k: v for method in methods for k, v in method.decoder_options(s).items()}
+        self.decoder = GPT2LMHead(
+            s.decoder, self.dtype, attention_impl=self.attention_impl, **hooks
+        )
         if s.uses_encoder:
             self.encoder = BertEncoder(s.encoder, self.dtype)
-        d_model, modules = s.decoder.n_embd, {}
-        for method in s.conditioning:
-            if method == "prefix":
-                modules[method] = cond.SoftPrefix(d_model, s.prefix_length, s.pooling, self.dtype)
-            elif method == "additive":
-                modules[method] = cond.AdditiveConditioning(d_model, s.pooling, self.dtype)
-            elif method == "id_prompt":
-                modules[method] = cond.IdPrompt(d_model, s.num_users, s.num_items)
-            else:
-                modules[method] = cond.METHODS[method]()
-        self.conditioning = modules
+        self.conditioning = {
+            method.method_name: method.from_spec(s, self.dtype) for method in methods
+        }
 
     def condition(self, batch: dict[str, jax.Array], deterministic: bool = True):
         """Run the encoder (if any) and every conditioning method -> ``DecoderInputs``."""
@@ -89,8 +109,8 @@ class Generator(nn.Module):
             states = self.encoder(
                 batch["encoder_ids"], mask, deterministic=deterministic
             ).last_hidden_state
-        sources = cond.Sources(states, mask, batch.get("user"), batch.get("item"))
-        inputs = cond.DecoderInputs()
+        sources = cond.Sources(states, mask, {key: batch[key] for key in self.spec.id_keys})
+        inputs = DecoderInputs()
         for method in self.spec.conditioning:
             inputs = inputs.merge(self.conditioning[method](sources))
         return inputs
@@ -99,7 +119,7 @@ class Generator(nn.Module):
         self,
         input_ids: jax.Array,
         attention_mask: jax.Array,
-        inputs: cond.DecoderInputs,
+        inputs: DecoderInputs,
         cache: dict | None = None,
         cache_index: jax.Array | int = 0,
         deterministic: bool = True,
@@ -108,10 +128,7 @@ class Generator(nn.Module):
         return self.decoder(
             input_ids,
             attention_mask,
-            prefix_embeds=inputs.prefix_embeds,
-            embed_offset=inputs.embed_offset,
-            encoder_states=inputs.encoder_states,
-            encoder_mask=inputs.encoder_mask,
+            inputs,
             cache=cache,
             cache_index=cache_index,
             deterministic=deterministic,
@@ -130,15 +147,9 @@ def param_group(path: tuple[str, ...]) -> str:
     if path[0] == "encoder":
         return "encoder"
     if path[0] == "decoder":
-        is_cross = any(k in ("crossattention", "ln_cross_attn") for k in path)
-        return "conditioning" if is_cross else "decoder"
+        owned = cond.owned_decoder_params()
+        return "conditioning" if any(k in owned for k in path) else "decoder"
     return "conditioning"
-
-
-def group_labels(params: dict[str, Any]) -> dict[str, Any]:
-    """A tree like ``params`` whose leaves are group names (for optax masks)."""
-    flat = traverse_util.flatten_dict(params)
-    return traverse_util.unflatten_dict({path: param_group(path) for path in flat})
 
 
 def parameter_counts(params: dict[str, Any]) -> dict[str, int]:
@@ -164,7 +175,8 @@ def example_batch(spec: GeneratorSpec, batch: int = 1, seq: int = 4) -> dict[str
     """A dummy batch with every key the generator may read (for ``init``)."""
     ids = jnp.zeros((batch, seq), jnp.int32)
     out = {"decoder_ids": ids, "decoder_mask": jnp.ones_like(ids)}
-    out["user"] = out["item"] = jnp.zeros((batch,), jnp.int32)
+    for key in ("user", "item", *spec.id_keys):
+        out[key] = jnp.zeros((batch,), jnp.int32)
     if spec.uses_encoder:
         out["encoder_ids"], out["encoder_mask"] = ids, jnp.ones_like(ids)
     return out

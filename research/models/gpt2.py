@@ -2,7 +2,8 @@
 
 One module, :class:`GPT2LMHead`, covers every GPT-2 size (distilgpt2, gpt2 ... gpt2-xl):
 learned positions, pre-LayerNorm blocks, ``gelu_new``, an LM head tied to the token
-embeddings. Three hooks serve the conditioning methods (``research/models/conditioning.py``):
+embeddings. Three hooks, the fields of ``DecoderInputs``, serve the conditioning methods
+(``research/models/conditioning.py``):
 
 * ``prefix_embeds`` ``[batch, prefix, d_model]`` are prepended to the token embeddings
   (soft prompts: ``prefix``, ``id_prompt``); they take the first positions.
@@ -29,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from research.models.attention import attend, causal_mask, padding_mask
+from research.models.decoder_inputs import DecoderInputs
 
 ACTIVATIONS = {
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
@@ -294,12 +296,9 @@ class GPT2LMHead(nn.Module):
         self,
         input_ids: jax.Array,
         attention_mask: jax.Array | None = None,
+        inputs: DecoderInputs | None = None,
         *,
         position_ids: jax.Array | None = None,
-        prefix_embeds: jax.Array | None = None,
-        embed_offset: jax.Array | None = None,
-        encoder_states: jax.Array | None = None,
-        encoder_mask: jax.Array | None = None,
         cache: dict[str, Any] | None = None,
         cache_index: jax.Array | int = 0,
         deterministic: bool = True,
@@ -312,14 +311,18 @@ class GPT2LMHead(nn.Module):
             cache it covers every cache slot instead: ``[batch, max_len]``.
           position_ids: ``[batch, prefix + seq]``; by default they follow the mask (padding
             takes no position), so left-padded prompts start at position 0.
-          prefix_embeds: ``[batch, prefix, d_model]`` soft prompt placed before the tokens.
-          embed_offset: ``[batch, d_model]`` added to every token embedding (not the prefix).
-          encoder_states, encoder_mask: ``[batch, enc_len, encoder_dim]`` and ``[batch, enc_len]``
-            for the cross-attention blocks.
+          inputs: the conditioning hooks (:class:`DecoderInputs`): ``prefix_embeds``
+            ``[batch, prefix, d_model]`` placed before the tokens; ``embed_offset``
+            ``[batch, d_model]`` added to every token embedding (not the prefix);
+            ``encoder_states``/``encoder_mask`` ``[batch, enc_len, encoder_dim]`` and
+            ``[batch, enc_len]`` for the cross-attention blocks.
           cache, cache_index: decoding state from :func:`init_cache`; this call's tokens
             (after any prefix) occupy cache slots ``[cache_index, cache_index + prefix + seq)``.
           deterministic: False enables dropout (needs a ``dropout`` rng).
         """
+        inputs = DecoderInputs() if inputs is None else inputs
+        prefix_embeds, embed_offset = inputs.prefix_embeds, inputs.embed_offset
+        encoder_states, encoder_mask = inputs.encoder_states, inputs.encoder_mask
         batch, seq = input_ids.shape
         x = self.wte(input_ids)
         if embed_offset is not None:

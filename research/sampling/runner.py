@@ -18,10 +18,6 @@ from research.models.generator import Generator
 from research.sampling.search import decode_beam, decode_one_per_row
 from research.sampling.settings import SamplingConfig, as_sampling_config
 
-# Batch keys the decoding reads; the reference targets (decoder_ids) are not among them, so
-# their length bucket never causes a recompilation.
-_CONDITIONING_KEYS = ("encoder_ids", "encoder_mask", "user", "item")
-
 
 def _generate_rows(
     model: Generator,
@@ -31,7 +27,9 @@ def _generate_rows(
     seed: jax.Array,
 ) -> jax.Array:
     """One device's rows -> tokens ``[rows, max_new_tokens]``; see :func:`_device_inputs`."""
-    batch = {k: rows[k] for k in _CONDITIONING_KEYS if k in rows}
+    # Only what conditioning reads: the reference targets (decoder_ids) stay out, so their
+    # length bucket never causes a recompilation.
+    batch = {k: rows[k] for k in model.spec.batch_keys if k in rows}
     args = (model, params, cfg, batch, rows["prompt_ids"], rows["prompt_mask"], rows["example"])
     if cfg.strategy == "beam":
         return decode_beam(*args)  # draws nothing: the seed is unused
@@ -61,9 +59,10 @@ def _bucket(length: int) -> int:
 
 
 def _device_inputs(
-    batch: Mapping[str, Any], num_rows: int, bos_id: int, pad_id: int
+    batch: Mapping[str, Any], keys: tuple[str, ...], num_rows: int, bos_id: int, pad_id: int
 ) -> dict[str, np.ndarray]:
-    """The arrays decoding reads, ``num_rows`` rows (extra rows copy the last one, example -1).
+    """The arrays decoding reads (the prompt and the conditioning ``keys``), ``num_rows`` rows
+    (extra rows copy the last one, example -1).
 
     The prompt is ``prompt_ids``/``prompt_mask`` ``[batch, T]`` (left padded) when the batch
     has them, else BOS alone; it is left padded further to a power of two.
@@ -83,7 +82,7 @@ def _device_inputs(
         "prompt_ids": np.pad(prompt_ids, ((0, 0), (extra, 0)), constant_values=pad_id),
         "prompt_mask": np.pad(prompt_mask, ((0, 0), (extra, 0))),
         "example": example,
-        **{k: np.asarray(batch[k]) for k in _CONDITIONING_KEYS if k in batch},
+        **{k: np.asarray(batch[k]) for k in keys if k in batch},
     }
     fill = num_rows - size
     out = {k: np.concatenate([v, np.repeat(v[-1:], fill, axis=0)]) for k, v in out.items()}
@@ -126,12 +125,13 @@ class _Sharded:
         self.rows_sharding = NamedSharding(mesh, P("batch"))
         # A call's rows: batch_size rounded up so that every device gets the same number.
         self.num_rows = -(-cfg.batch_size // len(devices)) * len(devices)
+        self.keys = model.spec.batch_keys
         decoder = model.spec.decoder
         self.bos_id, self.eos_id = decoder.bos_token_id, decoder.eos_token_id
 
     def dispatch(self, chunk: Mapping[str, Any]) -> tuple[np.ndarray, jax.Array]:
         """Start decoding ``chunk`` (asynchronously) -> (its example ids, tokens on device)."""
-        inputs = _device_inputs(chunk, self.num_rows, self.bos_id, self.eos_id)
+        inputs = _device_inputs(chunk, self.keys, self.num_rows, self.bos_id, self.eos_id)
         tokens = self.fn(self.params, jax.device_put(inputs, self.rows_sharding), self.seed)
         return inputs["example"], tokens
 

@@ -9,7 +9,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from research.models.conditioning import DecoderInputs
+from research.models.decoder_inputs import DecoderInputs
 from research.models.generator import Generator
 from research.models.gpt2 import init_cache
 
@@ -20,7 +20,7 @@ class DecodeState:
 
     cache: dict[str, Any]  # from init_cache; slots [0, index) are filled
     mask: jax.Array  # [batch, max_len] 1 = a real key (prefix, prompt tokens, generated slots)
-    inputs: DecoderInputs  # what every step re-reads: embed_offset, encoder_mask (no prefix)
+    inputs: DecoderInputs  # the fields every step re-reads (DecoderInputs.for_steps)
     index: jax.Array  # int32 []: the slot the next token goes to
 
 
@@ -72,8 +72,9 @@ def prefill(
         variables, prompt_ids, mask, inputs, cache, 0, method=Generator.decode
     )
     # The prefix now lives in the cache; the cross-attention keys/values too (cache["cross"]).
-    step_inputs = DecoderInputs(embed_offset=inputs.embed_offset, encoder_mask=inputs.encoder_mask)
-    state = DecodeState(cache, mask, step_inputs, jnp.asarray(prefix_len + prompt_len, jnp.int32))
+    state = DecodeState(
+        cache, mask, inputs.for_steps(), jnp.asarray(prefix_len + prompt_len, jnp.int32)
+    )
     return logits[:, prefix_len:], state
 
 
