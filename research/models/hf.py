@@ -31,8 +31,8 @@ from research.models import distilbert
 from research.models.bert import BertConfig, BertEncoder
 from research.models.gpt2 import GPT2Config, GPT2LMHead
 from research.models.llama import LlamaLM
-from research.models.llama_config import LlamaConfig, hf_table
-from research.models.roberta import RobertaConfig
+from research.models.llama_config import CONFIGS, hf_table
+from research.models.roberta import CONFIGS as ROBERTA_CONFIGS
 
 # Layout changes. torch.nn.Linear stores [out, in]; a Flax Dense kernel is [in, out].
 # GPT-2's Conv1D already stores [in, out], so GPT-2 needs no transposition at all.
@@ -128,7 +128,7 @@ ARCHITECTURES = {
     ),
     **{
         model_type: Architecture(
-            RobertaConfig,
+            config_cls,
             BertEncoder,
             BERT_TABLE,
             lambda c: c.num_hidden_layers,
@@ -136,7 +136,7 @@ ARCHITECTURES = {
             strip_prefixes=("roberta.",),
             buffers=r"embeddings\.(position_ids|token_type_ids)",
         )
-        for model_type in ("roberta", "xlm-roberta")
+        for model_type, config_cls in ROBERTA_CONFIGS.items()
     },
     "distilbert": Architecture(
         distilbert.DistilBertConfig,
@@ -149,7 +149,7 @@ ARCHITECTURES = {
     ),
     **{
         model_type: Architecture(
-            LlamaConfig,
+            config_cls,
             LlamaLM,
             hf_table,
             lambda c: c.num_hidden_layers,
@@ -158,7 +158,7 @@ ARCHITECTURES = {
             buffers=r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",
             embedding="model.embed_tokens.weight",
         )
-        for model_type in ("llama", "qwen2", "mistral")
+        for model_type, config_cls in CONFIGS.items()
     },
 }
 

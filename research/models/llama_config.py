@@ -49,9 +49,8 @@ class LlamaConfig:
     """The fields of Hugging Face's ``LlamaConfig``/``Qwen2Config``/``MistralConfig`` that
     change the computation. Rotary settings are flattened from ``rope_parameters`` (or the
     older ``rope_theta`` + ``rope_scaling``); ``sliding_layers[i]`` says whether layer ``i``
-    uses the sliding window."""
+    uses the sliding window. One subclass per model type (:data:`CONFIGS`)."""
 
-    model_type: str = "llama"
     vocab_size: int = 32000
     hidden_size: int = 4096
     intermediate_size: int = 11008
@@ -79,13 +78,15 @@ class LlamaConfig:
     eos_token_id: int | tuple[int, ...] | None = 2
     pad_token_id: int | None = None
 
+    model_type = "llama"
+
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "config") -> LlamaConfig:
-        model_type = raw.get("model_type", "llama")
-        if model_type not in MODEL_TYPES:
+        model_type = cls.model_type
+        if raw.get("model_type", model_type) != model_type:
             raise ValueError(
-                f"{source}: model_type={model_type!r} is not a Llama-family type; "
-                f"valid: {sorted(MODEL_TYPES)}"
+                f"{source}: model_type={raw['model_type']!r} is not {model_type}; "
+                f"Llama-family types: {sorted(MODEL_TYPES)}"
             )
         act = raw.get("hidden_act", "silu")
         if act not in ACTIVATIONS:
@@ -94,7 +95,6 @@ class LlamaConfig:
             )
         names = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in raw.items() if k in names and v is not None}
-        values["model_type"] = model_type
         heads = values.get("num_attention_heads", cls.num_attention_heads)
         values.setdefault("num_key_value_heads", heads)
         values.setdefault("head_dim", values.get("hidden_size", cls.hidden_size) // heads)
@@ -152,6 +152,23 @@ class LlamaConfig:
 
     def uses_sliding_window(self, layer_idx: int) -> bool:
         return self.sliding_window is not None and self.sliding_layers[layer_idx]
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen2Config(LlamaConfig):
+    model_type = "qwen2"
+
+
+@dataclasses.dataclass(frozen=True)
+class MistralConfig(LlamaConfig):
+    model_type = "mistral"
+
+
+CONFIGS: dict[str, type[LlamaConfig]] = {
+    "llama": LlamaConfig,
+    "qwen2": Qwen2Config,
+    "mistral": MistralConfig,
+}
 
 
 def _rope_fields(raw: dict[str, Any], source: str) -> dict[str, Any]:

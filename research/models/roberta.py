@@ -33,21 +33,23 @@ class RobertaConfig(BertConfig):
     type_vocab_size: int = 1
     layer_norm_eps: float = 1e-5
     pad_token_id: int = 1
-    model_type: str = "roberta"
+
+    model_type = "roberta"
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "config") -> RobertaConfig:
-        if raw.get("model_type", "roberta") not in ARCHITECTURES:
+        if raw.get("model_type", cls.model_type) != cls.model_type:
             raise ValueError(
-                f"{source}: model_type={raw.get('model_type')!r} is not RoBERTa-style; "
-                f"valid: {sorted(ARCHITECTURES)}"
+                f"{source}: model_type={raw['model_type']!r} is not {cls.model_type}; "
+                f"RoBERTa-style types: {sorted(ARCHITECTURES)}"
             )
         return super().from_dict(raw, source)
 
     def to_hf_dict(self) -> dict[str, Any]:
         return {
-            **dataclasses.asdict(self),
+            "model_type": self.model_type,
             "architectures": [ARCHITECTURES[self.model_type]],
+            **dataclasses.asdict(self),
         }
 
     def position_ids(self, attention_mask: jax.Array) -> jax.Array:
@@ -55,3 +57,16 @@ class RobertaConfig(BertConfig):
         ``pad_token_id`` (its embedding row, which transformers never trains)."""
         mask = attention_mask.astype(jnp.int32)
         return jnp.cumsum(mask, axis=1) * mask + self.pad_token_id
+
+
+@dataclasses.dataclass(frozen=True)
+class XLMRobertaConfig(RobertaConfig):
+    vocab_size: int = 250002
+
+    model_type = "xlm-roberta"
+
+
+CONFIGS: dict[str, type[RobertaConfig]] = {
+    "roberta": RobertaConfig,
+    "xlm-roberta": XLMRobertaConfig,
+}
