@@ -17,6 +17,7 @@ import torch
 import transformers
 
 from research.models import hf
+from research.models.decoder_inputs import DecoderInputs
 from research.models.llama import LlamaLM, init_cache, rope_frequencies
 from research.models.llama_config import LlamaConfig
 from tests.conftest import apply_model, mask_positions, randomise_
@@ -169,7 +170,7 @@ def test_prefix_embeds_match_pytorch_inputs_embeds(variant, side, references, ba
     model, params = hf.load_pretrained(folder)
     ids, mask = batches[side]
     prefix = np.random.default_rng(1).normal(0, 0.5, (3, 3, 64)).astype(np.float32)
-    logits = apply_model(model, params, ids, mask, prefix_embeds=prefix)
+    logits = apply_model(model, params, ids, mask, DecoderInputs(prefix_embeds=prefix))
     with torch.no_grad():
         token_embeds = reference.model.embed_tokens(torch.as_tensor(ids).long())
     embeds = torch.cat([torch.as_tensor(prefix), token_embeds], dim=1)
@@ -183,7 +184,7 @@ def test_embed_offset_matches_pytorch_inputs_embeds(references, batches):
     model, params = hf.load_pretrained(folder)
     ids, mask = batches["left"]
     offset = np.random.default_rng(2).normal(0, 0.5, (3, 64)).astype(np.float32)
-    logits = apply_model(model, params, ids, mask, embed_offset=offset)
+    logits = apply_model(model, params, ids, mask, DecoderInputs(embed_offset=offset))
     with torch.no_grad():
         embeds = reference.model.embed_tokens(torch.as_tensor(ids).long())
     expected = torch_logits(
@@ -205,14 +206,14 @@ def test_kv_cache_with_prefix_matches_full_forward(variant, references, batches)
     new = np.random.default_rng(4).integers(0, VOCAB, (3, 4)).astype(np.int32)
     full_ids = np.concatenate([ids, new], axis=1)
     full_mask = np.concatenate([mask, np.ones_like(new)], axis=1)
-    expected = apply_model(model, params, full_ids, full_mask, prefix_embeds=prefix)
+    expected = apply_model(model, params, full_ids, full_mask, DecoderInputs(prefix_embeds=prefix))
 
     slots = np.concatenate([np.ones((3, 2), np.int32), full_mask], axis=1)
     cache = init_cache(model.config, 3, slots.shape[1])
     kv_shape = (3, model.config.num_key_value_heads, 16, model.config.head_dim)
     assert cache["self"][0][0].shape == kv_shape
     logits, cache = apply_model(
-        model, params, ids, slots, prefix_embeds=prefix, cache=cache, cache_index=0
+        model, params, ids, slots, DecoderInputs(prefix_embeds=prefix), cache=cache, cache_index=0
     )
     steps = [logits[:, -1]]
     for t in range(new.shape[1] - 1):

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from research.models.attention import attend, causal_mask, padding_mask
+from research.models.decoder_inputs import DecoderInputs
 from research.models.llama_config import ACTIVATIONS, LlamaConfig
 
 
@@ -272,12 +273,9 @@ class LlamaLM(nn.Module):
         self,
         input_ids: jax.Array,
         attention_mask: jax.Array | None = None,
+        inputs: DecoderInputs | None = None,
         *,
         position_ids: jax.Array | None = None,
-        prefix_embeds: jax.Array | None = None,
-        embed_offset: jax.Array | None = None,
-        encoder_states: jax.Array | None = None,
-        encoder_mask: jax.Array | None = None,
         cache: dict[str, Any] | None = None,
         cache_index: jax.Array | int = 0,
         deterministic: bool = True,
@@ -289,6 +287,9 @@ class LlamaLM(nn.Module):
         count, so the first token after a ``P``-vector prefix sits at position ``P``.
         """
         cfg = self.config
+        inputs = DecoderInputs() if inputs is None else inputs
+        prefix_embeds, embed_offset = inputs.prefix_embeds, inputs.embed_offset
+        encoder_states, encoder_mask = inputs.encoder_states, inputs.encoder_mask
         batch, seq = input_ids.shape
         x = self.embed_tokens(input_ids)
         if embed_offset is not None:
