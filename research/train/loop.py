@@ -7,6 +7,11 @@ position and the two-stage schedule's progress all come back, and dropout keys d
 
 SIGTERM/SIGINT finish the current step, save, and return normally. A non-finite loss (or
 gradient norm) raises :class:`TrainingDiverged` naming the step, before that step is saved.
+
+The loop does not wait for the devices between steps: metrics stay on the devices until the
+next log line, save or evaluation (a diverged step leaves the state unchanged; the loop stops
+when it sees the step's metrics), the state is copied to the host only for a checkpoint that is
+written, and the next batch is read and copied to the devices while the current step runs.
 """
 
 from __future__ import annotations
@@ -31,7 +36,14 @@ from research.train import distributed
 from research.train.checkpoint import Checkpointer
 from research.train.optim import learning_rate_schedule, make_optimizer, trainable_labels
 from research.train.run_log import MetricsLog, read_metrics, run_record, write_json
-from research.train.steps import init_state, make_eval_step, make_train_step, replicate, shard
+from research.train.steps import (
+    init_state,
+    make_eval_step,
+    make_train_step,
+    replicate,
+    shard,
+    to_devices,
+)
 
 
 class TrainingDiverged(RuntimeError):
@@ -131,13 +143,15 @@ class Trainer:
         batches = self.dataset.eval_iterator(
             split, self.cfg.train.eval_batch_size, jax.process_index(), self.processes
         )
-        total = count = 0.0
+        sums = []  # on the devices until the pass is over
         for i, batch in enumerate(batches):
             if self.cfg.train.max_eval_batches and i >= self.cfg.train.max_eval_batches:
                 break
             batch = {k: v for k, v in batch.items() if k != "example"}
-            t, c = self.eval_step(params_replicated, shard(batch, self.devices))
-            total, count = total + float(t[0]), count + float(c[0])
+            sums.append(self.eval_step(params_replicated, shard(batch, self.devices)))
+        fetched = jax.device_get(sums)
+        total = sum(float(t[0]) for t, _ in fetched)
+        count = sum(float(c[0]) for _, c in fetched)
         return total / max(count, 1.0)
 
 
@@ -190,62 +204,103 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, command: list[str
     if primary:
         # Also without a checkpoint: a run killed before its first save logged steps it redoes.
         _truncate_metrics(workdir, start or 0)
-    return _run(cfg, workdir, trainer, checkpoints, progress, data, tx, state)
+    return _run(cfg, workdir, trainer, checkpoints, progress, data, tx, state, start or 0)
 
 
-def _run(cfg, workdir, trainer, checkpoints, progress, data, tx, state):
+class _StepMetrics:
+    """Step metrics kept on the devices, fetched in one transfer when the loop needs them.
+
+    Fetching waits until those steps ran, so it happens every ``train.log_every`` steps and
+    before a checkpoint is written or the model evaluated, never after every step.
+    """
+
+    def __init__(self, checkpoints: Checkpointer, bar: tqdm):
+        self._checkpoints, self._bar = checkpoints, bar
+        self._pending: list[tuple[int, dict]] = []
+        self._window_tokens, self._window_start = 0.0, time.perf_counter()
+
+    def add(self, step: int, metrics: dict) -> None:
+        self._pending.append((step, metrics))
+
+    def fetch(self) -> dict[str, float] | None:
+        """The newest step's metrics as floats; raises at the first non-finite step."""
+        if not self._pending:
+            return None
+        fetched = jax.device_get([metrics for _, metrics in self._pending])
+        steps = [step for step, _ in self._pending]
+        self._pending.clear()
+        for step, metrics in zip(steps, fetched, strict=True):
+            row = {k: float(v[0]) for k, v in metrics.items()}
+            loss, grad_norm = row["loss"], row["grad_norm"]
+            # A NaN gradient under a finite loss (an overflowing backward pass) would have made
+            # the parameters NaN (the step left them unchanged): stop on either.
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                self._bar.close()
+                what = (
+                    f"loss is {loss}"
+                    if not math.isfinite(loss)
+                    else f"gradient norm is {grad_norm} (loss {loss})"
+                )
+                good = self._checkpoints.latest_step()
+                raise TrainingDiverged(
+                    f"{what} at step {step}; stopping. The last good checkpoint is "
+                    f"step {good} in {self._checkpoints.directory}"
+                    if good is not None
+                    else f"{what} at step {step}; stopping (no checkpoint yet)"
+                )
+            self._window_tokens += row["tokens"]
+        return row
+
+    def tokens_per_s(self) -> float:
+        """Tokens per second since the previous call (the logging window)."""
+        now = time.perf_counter()
+        rate = self._window_tokens / max(now - self._window_start, 1e-9)
+        self._window_tokens, self._window_start = 0.0, now
+        return rate
+
+
+def _run(cfg, workdir, trainer, checkpoints, progress, data, tx, state, step):
     primary = distributed.is_primary()
     log = MetricsLog(workdir, primary, cfg.train.tensorboard)
     step_fn = trainer.train_step(progress.stage, tx)
     state = replicate(state, trainer.devices)
     seed_key = replicate(trainer.dropout_seed, trainer.devices)
-    step = int(_host(state["step"]))
     stop = _StopRequest()
     bar = tqdm(total=cfg.train.steps, initial=step, disable=not primary, desc="train", unit="step")
-    window_tokens, window_start, last_loss = 0.0, time.perf_counter(), float("nan")
+    step_metrics, last_loss = _StepMetrics(checkpoints, bar), float("nan")
+
+    def next_batch():
+        """The next batch, already on its way to the devices, and the data position after it."""
+        batch = {k: v for k, v in next(data).items() if k != "example"}
+        sharded = shard(batch, trainer.devices, cfg.train.accum_steps)
+        return to_devices(sharded, trainer.devices), data.state()
 
     def save(force: bool, val_loss: float | None = None) -> None:
-        progress.data = data.state()
+        # The state comes to the host only for a checkpoint that is written.
+        if step in checkpoints.all_steps() or not (force or checkpoints.should_save(step)):
+            return
+        step_metrics.fetch()  # a diverged step must not be saved
         checkpoints.save(
             step,
             _host(state),
             {"progress": dataclasses.asdict(progress), "seed": cfg.seed},
             val_loss=val_loss,
-            force=force,
+            force=True,  # decided above
         )
 
+    upcoming = next_batch() if step < cfg.train.steps else None
     with stop.installed():
         while step < cfg.train.steps:
-            batch = next(data)
-            batch = {k: v for k, v in batch.items() if k != "example"}
-            state, metrics = step_fn(
-                state, shard(batch, trainer.devices, cfg.train.accum_steps), seed_key
-            )
+            batch, progress.data = upcoming
+            state, metrics = step_fn(state, batch, seed_key)
             step += 1
-            last_loss = float(metrics["loss"][0])
-            grad_norm = float(metrics["grad_norm"][0])
-            # A NaN gradient under a finite loss (an overflowing backward pass) has already made
-            # the parameters NaN: this step must not be saved either.
-            if not (math.isfinite(last_loss) and math.isfinite(grad_norm)):
-                bar.close()
-                what = (
-                    f"loss is {last_loss}"
-                    if not math.isfinite(last_loss)
-                    else f"gradient norm is {grad_norm} (loss {last_loss})"
-                )
-                good = checkpoints.latest_step()
-                raise TrainingDiverged(
-                    f"{what} at step {step}; stopping. The last good checkpoint is "
-                    f"step {good} in {checkpoints.directory}"
-                    if good is not None
-                    else f"{what} at step {step}; stopping (no checkpoint yet)"
-                )
-            window_tokens += float(metrics["tokens"][0])
+            step_metrics.add(step, metrics)
+            if step < cfg.train.steps:
+                upcoming = next_batch()  # read and copied while the step runs
             bar.update(1)
             if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-                elapsed = time.perf_counter() - window_start
-                tokens_per_s = window_tokens / max(elapsed, 1e-9)
-                lr = float(metrics["learning_rate"][0])
+                row = step_metrics.fetch()
+                last_loss, tokens_per_s = row["loss"], step_metrics.tokens_per_s()
                 bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{tokens_per_s:,.0f}")
                 log.write(
                     step,
@@ -253,14 +308,14 @@ def _run(cfg, workdir, trainer, checkpoints, progress, data, tx, state):
                     {
                         "loss": last_loss,
                         "perplexity": math.exp(min(last_loss, 50.0)),
-                        "learning_rate": lr,
+                        "learning_rate": row["learning_rate"],
                         "tokens_per_s": tokens_per_s,
-                        "grad_norm": grad_norm,
+                        "grad_norm": row["grad_norm"],
                     },
                 )
-                window_tokens, window_start = 0.0, time.perf_counter()
             val_loss = None
             if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
+                step_metrics.fetch()
                 val_loss = trainer.evaluate(state["params"])
                 log.write(
                     step,
@@ -279,6 +334,7 @@ def _run(cfg, workdir, trainer, checkpoints, progress, data, tx, state):
             if switch:
                 # Switch before saving: this step's checkpoint must resume in stage 2. (Saved in
                 # stage 1, a resumed run would take one stage-1 step too many.)
+                step_metrics.fetch()
                 progress.stage, progress.evals_without_improvement = 2, 0
                 progress.stage2_start = step
                 tx = trainer.optimizer(2, step)

@@ -58,6 +58,7 @@ def make_train_step(
     ``labels`` ("train"/"frozen" per parameter) are static: a stage change makes a new step.
     ``seed_key`` is the run's base key, replicated. Metrics (replicated, identical on every
     device): ``loss`` (mean per target token), ``tokens``, ``grad_norm``, ``learning_rate``.
+    A step whose loss or gradient norm is not finite returns ``state`` unchanged.
     """
 
     def loss_sums(params, micro_batch, key):
@@ -99,10 +100,17 @@ def make_train_step(
             "params": optax.apply_updates(state["params"], updates),
             "opt_state": opt_state,
         }
+        grad_norm = optax.tree.norm(grads)
+        # Decided on the device, so the loop need not wait for the loss: a diverged step
+        # leaves the state as it was (the loop stops once it fetches the metrics).
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        new_state = jax.tree_util.tree_map(
+            lambda new, old: jnp.where(finite, new, old), new_state, state
+        )
         metrics = {
             "loss": loss,
             "tokens": count,
-            "grad_norm": optax.tree.norm(grads),
+            "grad_norm": grad_norm,
             "learning_rate": schedule(state["step"]),
         }
         return new_state, metrics
@@ -121,6 +129,20 @@ def make_eval_step(model: Any) -> Callable:
     return jax.pmap(step, axis_name=AXIS)
 
 
+def _mesh_sharding(devices: int) -> NamedSharding:
+    local = jax.local_devices()[:devices]
+    return NamedSharding(Mesh(np.array(local), (AXIS,)), PartitionSpec(AXIS))
+
+
+def to_devices(batch: dict[str, Any], devices: int) -> dict[str, Any]:
+    """A sharded host batch (``[devices, ...]``, see :func:`shard`) copied onto the devices.
+
+    The copy starts at once and does not wait for the device; laid out like :func:`replicate`.
+    """
+    sharding = _mesh_sharding(devices)
+    return jax.tree_util.tree_map(lambda x: jax.device_put(x, sharding), batch)
+
+
 def replicate(tree: Any, devices: int) -> Any:
     """A copy of every leaf on each of the first ``devices`` local devices: ``[devices, ...]``.
 
@@ -130,7 +152,7 @@ def replicate(tree: Any, devices: int) -> Any:
     the whole train step again.
     """
     local = jax.local_devices()[:devices]
-    sharding = NamedSharding(Mesh(np.array(local), (AXIS,)), PartitionSpec(AXIS))
+    sharding = _mesh_sharding(devices)
 
     def put(x):
         if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
