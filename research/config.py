@@ -103,6 +103,10 @@ def default_config() -> ml_collections.ConfigDict:
     cfg.eval.max_examples = 0  # 0 = all
     cfg.eval.checkpoint = "best"  # best | latest
 
+    # Caches shared by runs. "" = under the user's cache directory (research/compilation_cache.py),
+    # "off" = none. compilation_dir: JAX's persistent compilation cache.
+    cfg.cache = ml_collections.ConfigDict({"compilation_dir": ""})
+
     # Multi-host: empty / -1 means "from the environment" (SLURM, TPU) or single process.
     cfg.distributed = ml_collections.ConfigDict(
         {"coordinator_address": "", "num_processes": 0, "process_id": -1}

@@ -20,6 +20,7 @@ import ml_collections
 import numpy as np
 from flax import jax_utils
 
+from research import compilation_cache
 from research.config import apply_override, from_json_dict, validate
 from research.data import tokenizers
 from research.data.pipeline import Dataset, load_dataset
@@ -74,6 +75,7 @@ def restore_params(cfg, workdir: str | Path, model: Generator, which: str = "bes
 
 def load_run(workdir: str | Path, overrides=(), which: str | None = None) -> LoadedRun:
     cfg = run_config(workdir, overrides)
+    compilation_cache.enable(cfg.cache.compilation_dir)
     dataset = load_dataset(cfg.data)
     model, _ = build_generator(cfg, dataset.num_users, dataset.num_items)
     params, step = restore_params(cfg, workdir, model, which or cfg.eval.checkpoint)

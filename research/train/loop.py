@@ -29,6 +29,7 @@ import ml_collections
 from flax import jax_utils
 from tqdm.auto import tqdm
 
+from research import compilation_cache
 from research.data.pipeline import Dataset, load_dataset
 from research.models.build import build_generator
 from research.models.generator import parameter_summary
@@ -172,6 +173,7 @@ def _truncate_metrics(workdir: Path, step: int) -> None:
 def train(cfg: ml_collections.ConfigDict, workdir: str | Path, command: list[str] | None = None):
     """Train (or resume) the run of ``cfg`` in ``workdir``; returns a summary dict."""
     distributed.initialize(cfg.distributed)
+    compilation_cache.enable(cfg.cache.compilation_dir)
     workdir = Path(workdir)
     primary = distributed.is_primary()
     if primary:
