@@ -45,6 +45,7 @@ def default_config() -> ml_collections.ConfigDict:
     # Architectures used when init.decoder / init.encoder are empty (trained from scratch).
     cfg.model.decoder = ml_collections.ConfigDict(
         {
+            "model_type": "gpt2",  # a decoder family of research/models/families.py
             "vocab_size": 50257,
             "n_positions": 64,
             "n_embd": 128,
@@ -57,6 +58,7 @@ def default_config() -> ml_collections.ConfigDict:
     )
     cfg.model.encoder = ml_collections.ConfigDict(
         {
+            "model_type": "bert",  # an encoder family
             "vocab_size": 30522,
             "hidden_size": 128,
             "num_hidden_layers": 2,

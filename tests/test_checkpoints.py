@@ -21,7 +21,7 @@ import transformers
 from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
-from research.models import hf
+from research.models import families, hf
 from research.models.decoder_inputs import DecoderInputs
 from research.models.gpt2 import GPT2Config, GPT2LMHead
 from tests.conftest import GPT2_LAYOUTS, TINY_GPT2
@@ -65,7 +65,7 @@ def test_every_layout_loads_pytorch_weights_exactly(layout, tiny_gpt2_folders, t
     assert model.config.n_layer == 2 and model.config.vocab_size == 1000
     state = tiny_gpt2_torch.transformer.state_dict()
     ours = flat(params)
-    rows = hf.expand_table(hf.ARCHITECTURES["gpt2"], model.config)
+    rows = hf.expand_table(families.family("gpt2").hf, model.config)
     assert len(ours) == len(rows)
     for hf_name, flax_path, _ in rows:  # GPT-2's Conv1D is stored [in, out], like Flax
         assert ours[flax_path].dtype == np.float32
@@ -130,7 +130,9 @@ def test_half_precision_checkpoints_load_as_float32(torch_dtype, tiny_gpt2_torch
     half.save_pretrained(tmp_path)
     _, params = hf.load_pretrained(tmp_path)
     ours = flat(params)
-    for hf_name, flax_path, _ in hf.expand_table(hf.ARCHITECTURES["gpt2"], GPT2Config(**TINY_GPT2)):
+    for hf_name, flax_path, _ in hf.expand_table(
+        families.family("gpt2").hf, GPT2Config(**TINY_GPT2)
+    ):
         expected = half.transformer.state_dict()[hf_name].float().numpy()
         assert np.array_equal(ours[flax_path], expected), hf_name
 
@@ -156,11 +158,13 @@ def test_config_that_is_not_json(tmp_path):
         hf.load_pretrained(tmp_path)
 
 
-@pytest.mark.parametrize("model_type", ["llama", None])
+@pytest.mark.parametrize("model_type", ["gemma", None])
 def test_unsupported_model_type_lists_supported_ones(model_type, tmp_path):
     raw = {"model_type": model_type} if model_type else {"hidden_size": 8}
     (tmp_path / "config.json").write_text(json.dumps(raw))
-    expected = f"model_type={model_type!r} is not supported; supported: ['bert', 'gpt2']"
+    supported = sorted(families.family("gpt2") and families.FAMILIES)
+    assert {"bert", "gpt2", "llama"} <= set(supported)
+    expected = f"model_type={model_type!r} is not supported; supported: {supported}"
     with pytest.raises(hf.CheckpointError, match=re.escape(expected)):
         hf.load_pretrained(tmp_path)
 

@@ -15,7 +15,7 @@ import torch
 import transformers
 
 from research.data.tokenizers import encoder_tokenizer
-from research.models import hf
+from research.models import families, hf
 from research.models.bert import BertConfig, BertEncoder, BertOutput
 from tests.conftest import apply_model, randomise_
 
@@ -143,7 +143,7 @@ def test_bert_base_parameter_shapes_and_count_match_pytorch():
     shapes = hf.abstract_params(BertEncoder(config), config)
     assert sum(math.prod(s.shape) for s in shapes.values()) == reference.num_parameters()
     torch_shapes = {k: tuple(v.shape) for k, v in reference.named_parameters()}
-    rows = hf.expand_table(hf.ARCHITECTURES["bert"], config)
+    rows = hf.expand_table(families.family("bert").hf, config)
     assert len(rows) == len(torch_shapes) == len(shapes)
     for hf_name, flax_path, layout in rows:
         want = torch_shapes[hf_name]

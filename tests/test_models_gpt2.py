@@ -16,7 +16,7 @@ import torch
 import transformers
 from flax import traverse_util
 
-from research.models import attention, hf
+from research.models import attention, families, hf
 from research.models.decoder_inputs import DecoderInputs
 from research.models.gpt2 import GPT2Config, GPT2LMHead, init_cache
 from tests.conftest import GPT2_LAYOUTS, TINY_GPT2, apply_model, mask_positions, randomise_
@@ -95,7 +95,7 @@ def test_parameter_shapes_and_count_match_pytorch(name, hf_kwargs):
     shapes = hf.abstract_params(GPT2LMHead(config), config)
     assert sum(math.prod(s.shape) for s in shapes.values()) == reference.num_parameters()
     torch_shapes = {k: tuple(v.shape) for k, v in reference.transformer.state_dict().items()}
-    for hf_name, flax_path, layout in hf.expand_table(hf.ARCHITECTURES["gpt2"], config):
+    for hf_name, flax_path, layout in hf.expand_table(families.family("gpt2").hf, config):
         want = torch_shapes[hf_name]
         want = want[::-1] if layout == hf.TRANSPOSE else want
         assert tuple(shapes[flax_path].shape) == want, (name, hf_name)

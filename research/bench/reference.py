@@ -18,7 +18,7 @@ import torch
 import transformers
 
 from research.bench.common import Setup
-from research.models import hf
+from research.models import families, hf
 from research.models.gpt2 import GPT2LMHead
 
 
@@ -62,7 +62,7 @@ def as_flax_params(model: transformers.GPT2LMHeadModel, setup: Setup) -> dict[st
     config = setup.decoder
     tensors = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
     expected = hf.abstract_params(GPT2LMHead(config), config)
-    tree = hf.convert_to_flax(hf.ARCHITECTURES["gpt2"], config, tensors, expected, "reference")
+    tree = hf.convert_to_flax(families.family("gpt2").hf, config, tensors, expected, "reference")
     return {"decoder": jax.tree.map(jnp.asarray, tree)}
 
 

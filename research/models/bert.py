@@ -14,14 +14,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from research.models import families
+from research.models.activations import ACTIVATIONS
 from research.models.attention import attend, padding_mask
-
-ACTIVATIONS = {
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-    "relu": jax.nn.relu,
-    "silu": jax.nn.silu,
-}
+from research.models.families import KEEP, TRANSPOSE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -239,3 +235,49 @@ class BertEncoder(nn.Module):
         )
         pooled = jnp.tanh(_dense(self.config.hidden_size, self.dtype, "pooler")(x[:, 0]))
         return BertOutput(x.astype(jnp.float32), pooled.astype(jnp.float32))
+
+
+# fmt: off
+BERT_TABLE = (
+    ("embeddings.word_embeddings.weight", "embeddings/word_embeddings/embedding", KEEP),
+    ("embeddings.position_embeddings.weight", "embeddings/position_embeddings/embedding", KEEP),
+    ("embeddings.token_type_embeddings.weight", "embeddings/token_type_embeddings/embedding", KEEP),
+    ("embeddings.LayerNorm.weight", "embeddings/LayerNorm/scale", KEEP),
+    ("embeddings.LayerNorm.bias", "embeddings/LayerNorm/bias", KEEP),
+    ("encoder.layer.{i}.attention.self.query.weight", "encoder/layer_{i}/attention/self/query/kernel", TRANSPOSE),
+    ("encoder.layer.{i}.attention.self.query.bias", "encoder/layer_{i}/attention/self/query/bias", KEEP),
+    ("encoder.layer.{i}.attention.self.key.weight", "encoder/layer_{i}/attention/self/key/kernel", TRANSPOSE),
+    ("encoder.layer.{i}.attention.self.key.bias", "encoder/layer_{i}/attention/self/key/bias", KEEP),
+    ("encoder.layer.{i}.attention.self.value.weight", "encoder/layer_{i}/attention/self/value/kernel", TRANSPOSE),
+    ("encoder.layer.{i}.attention.self.value.bias", "encoder/layer_{i}/attention/self/value/bias", KEEP),
+    ("encoder.layer.{i}.attention.output.dense.weight", "encoder/layer_{i}/attention/output/dense/kernel", TRANSPOSE),
+    ("encoder.layer.{i}.attention.output.dense.bias", "encoder/layer_{i}/attention/output/dense/bias", KEEP),
+    ("encoder.layer.{i}.attention.output.LayerNorm.weight", "encoder/layer_{i}/attention/output/LayerNorm/scale", KEEP),
+    ("encoder.layer.{i}.attention.output.LayerNorm.bias", "encoder/layer_{i}/attention/output/LayerNorm/bias", KEEP),
+    ("encoder.layer.{i}.intermediate.dense.weight", "encoder/layer_{i}/intermediate/dense/kernel", TRANSPOSE),
+    ("encoder.layer.{i}.intermediate.dense.bias", "encoder/layer_{i}/intermediate/dense/bias", KEEP),
+    ("encoder.layer.{i}.output.dense.weight", "encoder/layer_{i}/output/dense/kernel", TRANSPOSE),
+    ("encoder.layer.{i}.output.dense.bias", "encoder/layer_{i}/output/dense/bias", KEEP),
+    ("encoder.layer.{i}.output.LayerNorm.weight", "encoder/layer_{i}/output/LayerNorm/scale", KEEP),
+    ("encoder.layer.{i}.output.LayerNorm.bias", "encoder/layer_{i}/output/LayerNorm/bias", KEEP),
+    ("pooler.dense.weight", "pooler/kernel", TRANSPOSE),
+    ("pooler.dense.bias", "pooler/bias", KEEP),
+)
+# fmt: on
+
+FAMILY = families.register(
+    families.EncoderFamily(
+        model_type="bert",
+        config_cls=BertConfig,
+        module_cls=BertEncoder,
+        hf=families.HFConversion(
+            BERT_TABLE,
+            lambda c: c.num_hidden_layers,
+            save_prefix="",
+            strip_prefixes=("bert.",),
+            buffers=r"embeddings\.position_ids",
+        ),
+        position_limit=lambda c: c.max_position_embeddings,
+        hidden_size=lambda c: c.hidden_size,
+    )
+)

@@ -9,10 +9,9 @@ import jax.numpy as jnp
 import ml_collections
 
 from research import assets
-from research.models.bert import BertConfig
+from research.models import families
 from research.models.conditioning import hyperparameters, needs_encoder, parse_conditioning
 from research.models.generator import Generator, GeneratorSpec, init_generator, load_part
-from research.models.gpt2 import GPT2Config
 from research.models.hf import read_config
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -22,13 +21,25 @@ def _folder(name: str) -> str:
     return str(assets.minilm_folder()) if name == "minilm" else name
 
 
-def _architecture(folder: str, scratch: ml_collections.ConfigDict, cls: type, key: str):
+# The family of a from-scratch architecture whose config names none (run.json files before
+# model.decoder.model_type existed).
+DEFAULT_FAMILIES = {"decoder": "gpt2", "encoder": "bert"}
+
+
+def scratch_family(scratch: ml_collections.ConfigDict | dict, kind: str) -> Any:
+    """The family ``model.<kind>.model_type`` names."""
+    model_type = dict(scratch).get("model_type", DEFAULT_FAMILIES[kind])
+    return families.family(model_type, kind, source=f"model.{kind}.model_type")
+
+
+def _architecture(folder: str, scratch: ml_collections.ConfigDict, kind: str):
     if folder:
-        _, config = read_config(_folder(folder))
-        if not isinstance(config, cls):
-            raise ValueError(f"init.{key}={folder!r} holds a {config.model_type} model")
+        family, config = read_config(_folder(folder))
+        if family.kind != kind:
+            raise ValueError(f"init.{kind}={folder!r} holds a {config.model_type} model")
         return config
-    return cls.from_dict(scratch.to_dict(), source=f"model.{key}")
+    raw = {k: v for k, v in scratch.to_dict().items() if k != "model_type"}
+    return scratch_family(scratch, kind).config_cls.from_dict(raw, source=f"model.{kind}")
 
 
 def build_generator(
@@ -43,11 +54,9 @@ def build_generator(
     methods = parse_conditioning(cfg.model.conditioning)
     uses_encoder = needs_encoder(methods)
     spec = GeneratorSpec(
-        decoder=_architecture(cfg.init.decoder, cfg.model.decoder, GPT2Config, "decoder"),
+        decoder=_architecture(cfg.init.decoder, cfg.model.decoder, "decoder"),
         encoder=(
-            _architecture(cfg.init.encoder, cfg.model.encoder, BertConfig, "encoder")
-            if uses_encoder
-            else None
+            _architecture(cfg.init.encoder, cfg.model.encoder, "encoder") if uses_encoder else None
         ),
         conditioning=methods,
         options={name: cfg.model[name] for name in hyperparameters(methods)},
@@ -59,7 +68,7 @@ def build_generator(
         return model, None
     pretrained = {}
     if cfg.init.decoder:
-        pretrained["decoder"] = load_part(_folder(cfg.init.decoder), "gpt2")[1]
+        pretrained["decoder"] = load_part(_folder(cfg.init.decoder), "decoder")[1]
     if cfg.init.encoder and uses_encoder:
-        pretrained["encoder"] = load_part(_folder(cfg.init.encoder), "bert")[1]
+        pretrained["encoder"] = load_part(_folder(cfg.init.encoder), "encoder")[1]
     return model, init_generator(model, rng, pretrained)

@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from research.models import families
 from research.models.attention import padding_mask
 from research.models.bert import ACTIVATIONS, BertConfig, BertOutput, Encoder
 
@@ -154,3 +155,21 @@ class DistilBertEncoder(nn.Module):
         )
         x = x.astype(jnp.float32)
         return BertOutput(x, x[:, 0])
+
+
+FAMILY = families.register(
+    families.EncoderFamily(
+        model_type="distilbert",
+        config_cls=DistilBertConfig,
+        module_cls=DistilBertEncoder,
+        hf=families.HFConversion(
+            HF_TABLE,
+            lambda c: c.n_layers,
+            save_prefix="",
+            strip_prefixes=("distilbert.",),
+            buffers=r"embeddings\.position_ids",
+        ),
+        position_limit=lambda c: c.max_position_embeddings,
+        hidden_size=lambda c: c.hidden_size,
+    )
+)

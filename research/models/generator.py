@@ -20,9 +20,8 @@ import numpy as np
 from flax import traverse_util
 
 from research.models import conditioning as cond
-from research.models.bert import BertConfig, BertEncoder
+from research.models import families
 from research.models.decoder_inputs import DecoderInputs
-from research.models.gpt2 import GPT2Config, GPT2LMHead
 from research.models.hf import CheckpointError, load_pretrained
 
 GROUPS = ("encoder", "decoder", "conditioning")
@@ -36,8 +35,8 @@ class GeneratorSpec:
     pairs); a missing one takes its registered default (:func:`GeneratorSpec.option`).
     """
 
-    decoder: GPT2Config
-    encoder: BertConfig | None
+    decoder: Any  # a decoder family's config (research/models/families.py)
+    encoder: Any | None  # an encoder family's config
     conditioning: tuple[str, ...] = ("none",)
     options: Any = ()
     num_users: int = 1
@@ -65,8 +64,12 @@ class GeneratorSpec:
         return cond.needs_encoder(self.conditioning)
 
     @property
+    def decoder_family(self) -> families.DecoderFamily:
+        return families.decoder_family(self.decoder)
+
+    @property
     def d_model(self) -> int:
-        return self.decoder.n_embd
+        return self.decoder_family.hidden_size(self.decoder)
 
     @property
     def id_keys(self) -> tuple[str, ...]:
@@ -92,11 +95,11 @@ class Generator(nn.Module):
         s = self.spec
         methods = [cond.METHODS[name] for name in s.conditioning]
         hooks = {k: v for method in methods for k, v in method.decoder_options(s).items()}
-        self.decoder = GPT2LMHead(
+        self.decoder = s.decoder_family.module_cls(
             s.decoder, self.dtype, attention_impl=self.attention_impl, **hooks
         )
         if s.uses_encoder:
-            self.encoder = BertEncoder(s.encoder, self.dtype)
+            self.encoder = families.encoder_family(s.encoder).module_cls(s.encoder, self.dtype)
         self.conditioning = {
             method.method_name: method.from_spec(s, self.dtype) for method in methods
         }
@@ -124,7 +127,8 @@ class Generator(nn.Module):
         cache_index: jax.Array | int = 0,
         deterministic: bool = True,
     ):
-        """The decoder under ``inputs``; see ``GPT2LMHead.__call__`` for the cache contract."""
+        """The decoder under ``inputs``; see the family's module (``GPT2LMHead.__call__``) for
+        the cache contract."""
         return self.decoder(
             input_ids,
             attention_mask,
@@ -213,11 +217,10 @@ def _overlay(target: dict, source: dict, where: str) -> dict:
     return traverse_util.unflatten_dict(flat_t, sep="/")
 
 
-def load_part(folder: str | Path, expected_type: str) -> tuple[Any, dict[str, Any]]:
-    """Load a Hugging Face folder for the decoder ("gpt2") or encoder ("bert") slot."""
+def load_part(folder: str | Path, kind: str) -> tuple[Any, dict[str, Any]]:
+    """Load a Hugging Face folder for the ``kind`` ("decoder" or "encoder") slot."""
     module, params = load_pretrained(folder)
-    if module.config.model_type != expected_type:
-        raise CheckpointError(
-            f"{folder} holds a {module.config.model_type} model; this slot needs {expected_type}"
-        )
+    model_type = module.config.model_type
+    if families.family(model_type).kind != kind:
+        raise CheckpointError(f"{folder} holds a {model_type} model; this slot needs a {kind}")
     return module.config, params

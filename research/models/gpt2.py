@@ -17,7 +17,8 @@ state: ``apply(..., cache=cache, cache_index=i)`` writes the new keys/values at 
 ``[i, i + seq)`` and returns ``(logits, cache)``.
 
 Parameter names follow Hugging Face's (``h_3/attn/c_attn/kernel`` <-> ``h.3.attn.c_attn.weight``)
-so the checkpoint table in ``research/models/hf.py`` stays one line per tensor.
+so the checkpoint table (:data:`GPT2_TABLE`) stays one line per tensor. The module ends with
+the family's registration (``research/models/families.py``).
 """
 
 from __future__ import annotations
@@ -29,17 +30,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from research.models import families
+from research.models.activations import ACTIVATIONS
 from research.models.attention import attend, causal_mask, padding_mask
 from research.models.decoder_inputs import DecoderInputs
-
-ACTIVATIONS = {
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "relu": jax.nn.relu,
-    "silu": jax.nn.silu,
-}
+from research.models.families import KEEP
 
 
 @dataclasses.dataclass(frozen=True)
@@ -371,3 +366,47 @@ class GPT2LMHead(nn.Module):
         if cache is None:
             return logits
         return logits, {"self": new_self, "cross": cross_kv}
+
+
+# fmt: off
+GPT2_TABLE = (
+    ("wte.weight", "wte/embedding", KEEP),
+    ("wpe.weight", "wpe/embedding", KEEP),
+    ("h.{i}.ln_1.weight", "h_{i}/ln_1/scale", KEEP),
+    ("h.{i}.ln_1.bias", "h_{i}/ln_1/bias", KEEP),
+    ("h.{i}.attn.c_attn.weight", "h_{i}/attn/c_attn/kernel", KEEP),  # Conv1D
+    ("h.{i}.attn.c_attn.bias", "h_{i}/attn/c_attn/bias", KEEP),
+    ("h.{i}.attn.c_proj.weight", "h_{i}/attn/c_proj/kernel", KEEP),  # Conv1D
+    ("h.{i}.attn.c_proj.bias", "h_{i}/attn/c_proj/bias", KEEP),
+    ("h.{i}.ln_2.weight", "h_{i}/ln_2/scale", KEEP),
+    ("h.{i}.ln_2.bias", "h_{i}/ln_2/bias", KEEP),
+    ("h.{i}.mlp.c_fc.weight", "h_{i}/mlp/c_fc/kernel", KEEP),  # Conv1D
+    ("h.{i}.mlp.c_fc.bias", "h_{i}/mlp/c_fc/bias", KEEP),
+    ("h.{i}.mlp.c_proj.weight", "h_{i}/mlp/c_proj/kernel", KEEP),  # Conv1D
+    ("h.{i}.mlp.c_proj.bias", "h_{i}/mlp/c_proj/bias", KEEP),
+    ("ln_f.weight", "ln_f/scale", KEEP),
+    ("ln_f.bias", "ln_f/bias", KEEP),
+)
+# fmt: on
+
+FAMILY = families.register(
+    families.DecoderFamily(
+        model_type="gpt2",
+        config_cls=GPT2Config,
+        module_cls=GPT2LMHead,
+        hf=families.HFConversion(
+            GPT2_TABLE,
+            lambda c: c.n_layer,
+            save_prefix="transformer.",
+            strip_prefixes=("transformer.",),
+            buffers=r"h\.\d+\.attn\.(bias|masked_bias)",
+            tied=(("lm_head.weight", "wte.weight"),),
+        ),
+        init_cache=init_cache,
+        reorder_cache=families.reorder_self_cache,
+        position_limit=lambda c: c.n_positions,
+        hidden_size=lambda c: c.n_embd,
+        # GPT-2 has no pad token: <|endoftext|> is BOS, EOS and pad (research/data/tokenizers.py).
+        special_ids=lambda c: (c.bos_token_id, c.eos_token_id, c.eos_token_id),
+    )
+)

@@ -6,13 +6,13 @@ folder (``model.safetensors``, sharded safetensors with ``model.safetensors.inde
 ``save_pretrained(folder, model, params)`` writes a folder that transformers' PyTorch
 ``from_pretrained`` loads. Nothing is ever downloaded.
 
-The whole conversion is the two tables below: one line per tensor, ``{i}`` standing for the
-layer index. The third column says how the tensor's layout changes.
+Each family's conversion is one table in its own module (``GPT2_TABLE`` in ``gpt2.py``,
+``BERT_TABLE`` in ``bert.py``, ...): one line per tensor, ``{i}`` standing for the layer index,
+the third column saying how the tensor's layout changes (``research/models/families.py``).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -27,139 +27,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from research.models import distilbert
-from research.models.bert import BertConfig, BertEncoder
-from research.models.gpt2 import GPT2Config, GPT2LMHead
-from research.models.llama import LlamaLM
-from research.models.llama_config import CONFIGS, hf_table
-from research.models.roberta import CONFIGS as ROBERTA_CONFIGS
+from research.models import families
+from research.models.families import KEEP, TRANSPOSE, HFConversion
 
-# Layout changes. torch.nn.Linear stores [out, in]; a Flax Dense kernel is [in, out].
-# GPT-2's Conv1D already stores [in, out], so GPT-2 needs no transposition at all.
-KEEP = "keep"
-TRANSPOSE = "transpose"
 _TO_FLAX: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     KEEP: lambda a: a,
     TRANSPOSE: np.transpose,
-}
-
-# fmt: off
-GPT2_TABLE = (
-    ("wte.weight", "wte/embedding", KEEP),
-    ("wpe.weight", "wpe/embedding", KEEP),
-    ("h.{i}.ln_1.weight", "h_{i}/ln_1/scale", KEEP),
-    ("h.{i}.ln_1.bias", "h_{i}/ln_1/bias", KEEP),
-    ("h.{i}.attn.c_attn.weight", "h_{i}/attn/c_attn/kernel", KEEP),  # Conv1D
-    ("h.{i}.attn.c_attn.bias", "h_{i}/attn/c_attn/bias", KEEP),
-    ("h.{i}.attn.c_proj.weight", "h_{i}/attn/c_proj/kernel", KEEP),  # Conv1D
-    ("h.{i}.attn.c_proj.bias", "h_{i}/attn/c_proj/bias", KEEP),
-    ("h.{i}.ln_2.weight", "h_{i}/ln_2/scale", KEEP),
-    ("h.{i}.ln_2.bias", "h_{i}/ln_2/bias", KEEP),
-    ("h.{i}.mlp.c_fc.weight", "h_{i}/mlp/c_fc/kernel", KEEP),  # Conv1D
-    ("h.{i}.mlp.c_fc.bias", "h_{i}/mlp/c_fc/bias", KEEP),
-    ("h.{i}.mlp.c_proj.weight", "h_{i}/mlp/c_proj/kernel", KEEP),  # Conv1D
-    ("h.{i}.mlp.c_proj.bias", "h_{i}/mlp/c_proj/bias", KEEP),
-    ("ln_f.weight", "ln_f/scale", KEEP),
-    ("ln_f.bias", "ln_f/bias", KEEP),
-)
-
-BERT_TABLE = (
-    ("embeddings.word_embeddings.weight", "embeddings/word_embeddings/embedding", KEEP),
-    ("embeddings.position_embeddings.weight", "embeddings/position_embeddings/embedding", KEEP),
-    ("embeddings.token_type_embeddings.weight", "embeddings/token_type_embeddings/embedding", KEEP),
-    ("embeddings.LayerNorm.weight", "embeddings/LayerNorm/scale", KEEP),
-    ("embeddings.LayerNorm.bias", "embeddings/LayerNorm/bias", KEEP),
-    ("encoder.layer.{i}.attention.self.query.weight", "encoder/layer_{i}/attention/self/query/kernel", TRANSPOSE),
-    ("encoder.layer.{i}.attention.self.query.bias", "encoder/layer_{i}/attention/self/query/bias", KEEP),
-    ("encoder.layer.{i}.attention.self.key.weight", "encoder/layer_{i}/attention/self/key/kernel", TRANSPOSE),
-    ("encoder.layer.{i}.attention.self.key.bias", "encoder/layer_{i}/attention/self/key/bias", KEEP),
-    ("encoder.layer.{i}.attention.self.value.weight", "encoder/layer_{i}/attention/self/value/kernel", TRANSPOSE),
-    ("encoder.layer.{i}.attention.self.value.bias", "encoder/layer_{i}/attention/self/value/bias", KEEP),
-    ("encoder.layer.{i}.attention.output.dense.weight", "encoder/layer_{i}/attention/output/dense/kernel", TRANSPOSE),
-    ("encoder.layer.{i}.attention.output.dense.bias", "encoder/layer_{i}/attention/output/dense/bias", KEEP),
-    ("encoder.layer.{i}.attention.output.LayerNorm.weight", "encoder/layer_{i}/attention/output/LayerNorm/scale", KEEP),
-    ("encoder.layer.{i}.attention.output.LayerNorm.bias", "encoder/layer_{i}/attention/output/LayerNorm/bias", KEEP),
-    ("encoder.layer.{i}.intermediate.dense.weight", "encoder/layer_{i}/intermediate/dense/kernel", TRANSPOSE),
-    ("encoder.layer.{i}.intermediate.dense.bias", "encoder/layer_{i}/intermediate/dense/bias", KEEP),
-    ("encoder.layer.{i}.output.dense.weight", "encoder/layer_{i}/output/dense/kernel", TRANSPOSE),
-    ("encoder.layer.{i}.output.dense.bias", "encoder/layer_{i}/output/dense/bias", KEEP),
-    ("encoder.layer.{i}.output.LayerNorm.weight", "encoder/layer_{i}/output/LayerNorm/scale", KEEP),
-    ("encoder.layer.{i}.output.LayerNorm.bias", "encoder/layer_{i}/output/LayerNorm/bias", KEEP),
-    ("pooler.dense.weight", "pooler/kernel", TRANSPOSE),
-    ("pooler.dense.bias", "pooler/bias", KEEP),
-)
-# fmt: on
-
-
-@dataclasses.dataclass(frozen=True)
-class Architecture:
-    """How one ``model_type`` maps between Hugging Face and Flax."""
-
-    config_cls: type
-    module_cls: type
-    # The rows, or a function of the config giving them (optional biases, untied heads).
-    table: tuple[tuple[str, str, str], ...] | Callable[[Any], tuple[tuple[str, str, str], ...]]
-    num_layers: Callable[[Any], int]
-    save_prefix: str  # what transformers' save_pretrained puts before the table's names
-    # Names transformers may add around the table's: task-model prefixes, buffers, a tied head.
-    strip_prefixes: tuple[str, ...]
-    buffers: str  # regex of non-parameter tensors that old checkpoints carry
-    embedding: str = "wte.weight"  # the token embeddings a tied LM head may repeat
-
-
-ARCHITECTURES = {
-    "gpt2": Architecture(
-        GPT2Config,
-        GPT2LMHead,
-        GPT2_TABLE,
-        lambda c: c.n_layer,
-        save_prefix="transformer.",
-        strip_prefixes=("transformer.",),
-        buffers=r"h\.\d+\.attn\.(bias|masked_bias)",
-    ),
-    "bert": Architecture(
-        BertConfig,
-        BertEncoder,
-        BERT_TABLE,
-        lambda c: c.num_hidden_layers,
-        save_prefix="",
-        strip_prefixes=("bert.",),
-        buffers=r"embeddings\.position_ids",
-    ),
-    **{
-        model_type: Architecture(
-            config_cls,
-            BertEncoder,
-            BERT_TABLE,
-            lambda c: c.num_hidden_layers,
-            save_prefix="",
-            strip_prefixes=("roberta.",),
-            buffers=r"embeddings\.(position_ids|token_type_ids)",
-        )
-        for model_type, config_cls in ROBERTA_CONFIGS.items()
-    },
-    "distilbert": Architecture(
-        distilbert.DistilBertConfig,
-        distilbert.DistilBertEncoder,
-        distilbert.HF_TABLE,
-        lambda c: c.n_layers,
-        save_prefix="",
-        strip_prefixes=("distilbert.",),
-        buffers=r"embeddings\.position_ids",
-    ),
-    **{
-        model_type: Architecture(
-            config_cls,
-            LlamaLM,
-            hf_table,
-            lambda c: c.num_hidden_layers,
-            save_prefix="",
-            strip_prefixes=(),
-            buffers=r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",
-            embedding="model.embed_tokens.weight",
-        )
-        for model_type, config_cls in CONFIGS.items()
-    },
 }
 
 
@@ -167,7 +40,7 @@ class CheckpointError(ValueError):
     """A checkpoint folder that cannot be read into our parameters; the message says why."""
 
 
-def expand_table(arch: Architecture, config: Any) -> list[tuple[str, str, str]]:
+def expand_table(arch: HFConversion, config: Any) -> list[tuple[str, str, str]]:
     """The table with ``{i}`` replaced by every layer index: (hf name, flax path, layout)."""
     rows = []
     table = arch.table(config) if callable(arch.table) else arch.table
@@ -181,8 +54,8 @@ def expand_table(arch: Architecture, config: Any) -> list[tuple[str, str, str]]:
     return rows
 
 
-def read_config(folder: str | Path) -> tuple[Architecture, Any]:
-    """Validate ``folder/config.json`` and return its architecture and our config object."""
+def read_config(folder: str | Path) -> tuple[Any, Any]:
+    """Validate ``folder/config.json`` and return its model family and our config object."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"model folder {folder} does not exist")
@@ -193,14 +66,11 @@ def read_config(folder: str | Path) -> tuple[Architecture, Any]:
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{path}: invalid JSON at line {err.lineno}: {err.msg}") from err
-    model_type = raw.get("model_type")
-    if model_type not in ARCHITECTURES:
-        raise CheckpointError(
-            f"{path}: model_type={model_type!r} is not supported; "
-            f"supported: {sorted(ARCHITECTURES)}"
-        )
-    arch = ARCHITECTURES[model_type]
-    return arch, arch.config_cls.from_dict(raw, source=str(path))
+    try:
+        family = families.family(raw.get("model_type"), source=f"{path}: model_type")
+    except ValueError as err:
+        raise CheckpointError(str(err)) from err
+    return family, family.config_cls.from_dict(raw, source=str(path))
 
 
 def read_state_dict(folder: str | Path) -> dict[str, np.ndarray]:
@@ -275,7 +145,7 @@ def _read_torch_bin(path: Path) -> dict[str, np.ndarray]:
     return {k: v.float().numpy() for k, v in state.items()}
 
 
-def _normalise_names(arch: Architecture, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def _normalise_names(arch: HFConversion, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     out = {}
     for name, value in tensors.items():
         for prefix in arch.strip_prefixes:
@@ -289,7 +159,7 @@ def _normalise_names(arch: Architecture, tensors: dict[str, np.ndarray]) -> dict
 
 
 def convert_to_flax(
-    arch: Architecture,
+    arch: HFConversion,
     config: Any,
     tensors: dict[str, np.ndarray],
     expected: dict[str, Any],
@@ -323,7 +193,7 @@ def convert_to_flax(
     extra = sorted(
         name
         for name in set(tensors) - used
-        if not re.fullmatch(arch.buffers, name) and not _is_tied_head(arch, name, tensors)
+        if not re.fullmatch(arch.buffers, name) and not _is_tied(arch, name, tensors)
     )
     if extra:
         message = f"{source}: {len(extra)} unexpected tensors not loaded: {extra[:10]}"
@@ -333,12 +203,11 @@ def convert_to_flax(
     return traverse_util.unflatten_dict(flat, sep="/")
 
 
-def _is_tied_head(arch: Architecture, name: str, tensors: dict[str, np.ndarray]) -> bool:
-    """A tied LM head repeats the token embeddings; an identical copy is no news."""
-    return (
-        name == "lm_head.weight"
-        and arch.embedding in tensors
-        and np.array_equal(tensors[name], tensors[arch.embedding])
+def _is_tied(arch: HFConversion, name: str, tensors: dict[str, np.ndarray]) -> bool:
+    """A tensor tied to another (an LM head to the token embeddings): a copy is no news."""
+    return any(
+        name == copy and source in tensors and np.array_equal(tensors[name], tensors[source])
+        for copy, source in arch.tied
     )
 
 
@@ -352,17 +221,17 @@ def abstract_params(module: Any, config: Any) -> dict[str, Any]:
 def load_pretrained(
     folder: str | Path, dtype: Any = jnp.float32, strict: bool = False
 ) -> tuple[Any, dict[str, Any]]:
-    """Load a local Hugging Face GPT-2 or BERT folder -> ``(model, params)``.
+    """Load a local Hugging Face folder of a registered family -> ``(model, params)``.
 
-    ``dtype`` is the compute dtype; parameters are float32. GPT-2 returns a
-    :class:`GPT2LMHead` (``apply`` gives logits ``[batch, seq, vocab]``); BERT a
-    :class:`BertEncoder` (``apply`` gives ``(last_hidden_state, pooler_output)``).
+    ``dtype`` is the compute dtype; parameters are float32. A decoder family returns its LM
+    (GPT-2: :class:`GPT2LMHead`, ``apply`` gives logits ``[batch, seq, vocab]``); an encoder
+    family its encoder (BERT: ``apply`` gives ``(last_hidden_state, pooler_output)``).
     """
-    arch, config = read_config(folder)
-    model = arch.module_cls(config, dtype=dtype)
+    family, config = read_config(folder)
+    model = family.module_cls(config, dtype=dtype)
     tensors = read_state_dict(folder)
     params = convert_to_flax(
-        arch, config, tensors, abstract_params(model, config), str(folder), strict
+        family.hf, config, tensors, abstract_params(model, config), str(folder), strict
     )
     return model, jax.tree_util.tree_map(jnp.asarray, params)
 
@@ -374,7 +243,7 @@ def save_pretrained(folder: str | Path, model: Any, params: dict[str, Any]) -> P
     """
     from safetensors.numpy import save_file
 
-    arch = ARCHITECTURES[model.config.model_type]
+    arch = families.family(model.config.model_type).hf
     flat = traverse_util.flatten_dict(jax.device_get(params), sep="/")
     rows = expand_table(arch, model.config)
     unknown = sorted(set(flat) - {fx for _, fx, _ in rows})

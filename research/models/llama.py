@@ -29,9 +29,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from research.models import families
 from research.models.attention import attend, causal_mask, padding_mask
 from research.models.decoder_inputs import DecoderInputs
-from research.models.llama_config import ACTIVATIONS, LlamaConfig
+from research.models.llama_config import ACTIVATIONS, CONFIGS, LlamaConfig, hf_table
 
 
 def rope_frequencies(config: LlamaConfig) -> np.ndarray:
@@ -343,3 +344,35 @@ class LlamaLM(nn.Module):
         if cache is None:
             return logits
         return logits, {"self": new_self, "cross": cross_kv}
+
+
+def _special_ids(config: LlamaConfig) -> tuple[int, int, int]:
+    """(bos, eos, pad): EOS stands in for a missing BOS or pad (research/data/tokenizers.py);
+    of several EOS ids the first is the one generated rows end with."""
+    eos = config.eos_token_id
+    eos = eos[0] if isinstance(eos, tuple | list) else eos
+    bos = eos if config.bos_token_id is None else config.bos_token_id
+    return bos, eos, eos if config.pad_token_id is None else config.pad_token_id
+
+
+for _model_type, _config_cls in CONFIGS.items():
+    families.register(
+        families.DecoderFamily(
+            model_type=_model_type,
+            config_cls=_config_cls,
+            module_cls=LlamaLM,
+            hf=families.HFConversion(
+                hf_table,
+                lambda c: c.num_hidden_layers,
+                save_prefix="",
+                strip_prefixes=(),
+                buffers=r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",
+                tied=(("lm_head.weight", "model.embed_tokens.weight"),),
+            ),
+            init_cache=init_cache,
+            reorder_cache=families.reorder_self_cache,
+            position_limit=lambda c: c.max_position_embeddings,
+            hidden_size=lambda c: c.hidden_size,
+            special_ids=_special_ids,
+        )
+    )

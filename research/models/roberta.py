@@ -19,7 +19,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from research.models.bert import BertConfig
+from research.models import families
+from research.models.bert import BERT_TABLE, BertConfig, BertEncoder
 
 ARCHITECTURES = {"roberta": "RobertaModel", "xlm-roberta": "XLMRobertaModel"}
 
@@ -70,3 +71,22 @@ CONFIGS: dict[str, type[RobertaConfig]] = {
     "roberta": RobertaConfig,
     "xlm-roberta": XLMRobertaConfig,
 }
+
+
+for _model_type, _config_cls in CONFIGS.items():
+    families.register(
+        families.EncoderFamily(
+            model_type=_model_type,
+            config_cls=_config_cls,
+            module_cls=BertEncoder,
+            hf=families.HFConversion(
+                BERT_TABLE,
+                lambda c: c.num_hidden_layers,
+                save_prefix="",
+                strip_prefixes=("roberta.",),
+                buffers=r"embeddings\.(position_ids|token_type_ids)",
+            ),
+            position_limit=lambda c: c.max_position_embeddings,
+            hidden_size=lambda c: c.hidden_size,
+        )
+    )

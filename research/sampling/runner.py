@@ -126,12 +126,12 @@ class _Sharded:
         # A call's rows: batch_size rounded up so that every device gets the same number.
         self.num_rows = -(-cfg.batch_size // len(devices)) * len(devices)
         self.keys = model.spec.batch_keys
-        decoder = model.spec.decoder
-        self.bos_id, self.eos_id = decoder.bos_token_id, decoder.eos_token_id
+        spec = model.spec
+        self.bos_id, self.eos_id, self.pad_id = spec.decoder_family.special_ids(spec.decoder)
 
     def dispatch(self, chunk: Mapping[str, Any]) -> tuple[np.ndarray, jax.Array]:
         """Start decoding ``chunk`` (asynchronously) -> (its example ids, tokens on device)."""
-        inputs = _device_inputs(chunk, self.keys, self.num_rows, self.bos_id, self.eos_id)
+        inputs = _device_inputs(chunk, self.keys, self.num_rows, self.bos_id, self.pad_id)
         tokens = self.fn(self.params, jax.device_put(inputs, self.rows_sharding), self.seed)
         return inputs["example"], tokens
 

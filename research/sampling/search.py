@@ -33,7 +33,7 @@ def decode_one_per_row(
 
     ``example`` ``[batch]`` and ``seed`` (int32 ``[]``) pick each row's random stream.
     """
-    eos = pad = model.spec.decoder.eos_token_id
+    _, eos, pad = model.spec.decoder_family.special_ids(model.spec.decoder)
     new = cfg.max_new_tokens
     logits, state = prefill(model, params, batch, prompt_ids, prompt_mask, new)
     base_key = jax.random.key(seed)
@@ -95,7 +95,8 @@ def decode_beam(
     example: jax.Array,
 ) -> jax.Array:
     """Hugging Face's beam search -> best finished hypothesis ``[batch, max_new_tokens]``."""
-    eos = pad = model.spec.decoder.eos_token_id
+    family = model.spec.decoder_family
+    _, eos, pad = family.special_ids(model.spec.decoder)
     beams, new, penalty = cfg.num_beams, cfg.max_new_tokens, cfg.length_penalty
     rows = prompt_ids.shape[0]
     logits, state = prefill(model, params, batch, prompt_ids, prompt_mask, new)
@@ -128,9 +129,8 @@ def decode_beam(
         keep = jax.lax.top_k(running_scores, beams)[1]
         kept_scores = _gather_beams(running_scores, keep)
         rows_from = (jnp.arange(rows)[:, None] * beams + _gather_beams(source, keep)).reshape(-1)
-        reordered = jax.tree.map(lambda x: x[rows_from], c.state.cache["self"])
-        # Beams of a row share the encoder keys/values in cache["cross"]: nothing to reorder.
-        state = dataclasses.replace(c.state, cache={**c.state.cache, "self": reordered})
+        cache = family.reorder_cache(c.state.cache, rows_from)
+        state = dataclasses.replace(c.state, cache=cache)
 
         # Candidates that just ended (among the top `beams` only) compete with the finished ones.
         just_finished = done & is_top[None, :]

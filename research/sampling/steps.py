@@ -11,14 +11,13 @@ import jax.numpy as jnp
 
 from research.models.decoder_inputs import DecoderInputs
 from research.models.generator import Generator
-from research.models.gpt2 import init_cache
 
 
 @dataclasses.dataclass
 class DecodeState:
     """What a decoding step needs besides the new token (a pytree; arrays lead with batch)."""
 
-    cache: dict[str, Any]  # from init_cache; slots [0, index) are filled
+    cache: Any  # from the decoder family's init_cache; slots [0, index) are filled
     mask: jax.Array  # [batch, max_len] 1 = a real key (prefix, prompt tokens, generated slots)
     inputs: DecoderInputs  # the fields every step re-reads (DecoderInputs.for_steps)
     index: jax.Array  # int32 []: the slot the next token goes to
@@ -53,11 +52,12 @@ def prefill(
     rows, prompt_len = prompt_ids.shape
     prefix_len = inputs.prefix_length
     max_len = prefix_len + prompt_len + max_new_tokens
-    if max_len > model.spec.decoder.n_positions:
+    family, config = model.spec.decoder_family, model.spec.decoder
+    if max_len > family.position_limit(config):
         raise ValueError(
             f"prefix ({prefix_len}) + padded prompt ({prompt_len}) + sampling.max_new_tokens "
-            f"({max_new_tokens}) = {max_len} positions exceed the decoder's n_positions="
-            f"{model.spec.decoder.n_positions}"
+            f"({max_new_tokens}) = {max_len} positions exceed the decoder's limit of "
+            f"{family.position_limit(config)} positions"
         )
     mask = jnp.concatenate(
         [
@@ -67,7 +67,7 @@ def prefill(
         ],
         axis=1,
     )
-    cache = init_cache(model.spec.decoder, rows, max_len, model.dtype)
+    cache = family.init_cache(config, rows, max_len, model.dtype)
     logits, cache = model.apply(
         variables, prompt_ids, mask, inputs, cache, 0, method=Generator.decode
     )
