@@ -28,6 +28,7 @@ from research.models.conditioning import METHODS, needs_encoder, parse_condition
 from research.models.generator import Generator, GeneratorSpec, init_generator
 from research.models.gpt2 import GPT2Config
 from research.sampling import runner
+from research.sampling.processors import repetition_penalized
 from tests.conftest import TINY_GPT2, randomise_
 
 PARITY_TOL = 1e-4  # max abs logit difference, float32 (the issue's bar)
@@ -195,6 +196,30 @@ def test_matches_transformers_generate(hf_pair, prompts, strategy, settings):
     assert (lengths < HF_NEW_TOKENS).any() and (lengths == HF_NEW_TOKENS).any()
 
 
+@pytest.mark.parametrize(
+    "strategy, settings",
+    [
+        ("greedy", {"repetition_penalty": 1.5}),
+        ("greedy", {"repetition_penalty": 0.7, "no_repeat_ngram_size": 2}),
+        ("beam", {"num_beams": 3, "repetition_penalty": 1.3}),
+    ],
+)
+def test_repetition_penalty_matches_transformers_generate(hf_pair, prompts, strategy, settings):
+    """Token for token. The prompts are unpadded: transformers also penalizes the pad id of a
+    left-padded batch (it counts every input column), which we do not (padding is not text)."""
+    torch_model, model, params = hf_pair
+    full = {k: v[prompts["prompt_mask"].all(1)] for k, v in prompts.items()}
+    full = {k: np.concatenate([v, v[:, ::-1] if v.ndim > 1 else v + 2]) for k, v in full.items()}
+    expected = torch_generate(torch_model, full, **settings)
+    cfg = sampling.SamplingConfig(
+        strategy=strategy, max_new_tokens=HF_NEW_TOKENS, batch_size=8, **settings
+    )
+    ours = sampling.generate(model, params, full, cfg)
+    np.testing.assert_array_equal(ours, expected)
+    plain = sampling.generate(model, params, full, dataclasses.replace(cfg, repetition_penalty=1))
+    assert not np.array_equal(ours, plain)  # the penalty changed the output
+
+
 def test_warpers_match_transformers():
     logits = np.random.default_rng(0).normal(0, 2, (5, 40)).astype(np.float32)
     for top_k, top_p, temperature in ((0, 0.9, 1.0), (5, 1.0, 0.7), (7, 0.5, 1.3)):
@@ -211,6 +236,25 @@ def test_warpers_match_transformers():
         np.testing.assert_array_equal(np.isinf(ours), np.isinf(expected.numpy()))
         kept = ~np.isinf(ours)
         np.testing.assert_allclose(ours[kept], expected.numpy()[kept], rtol=1e-6)
+
+
+def test_repetition_penalty_matches_transformers():
+    """Mixed-sign logits, repeats in the history, against HF's processor."""
+    rng = np.random.default_rng(1)
+    history = rng.integers(0, 12, (4, 7)).astype(np.int32)
+    logits = rng.normal(0, 2, (4, 12)).astype(np.float32)
+    for penalty in (1.3, 0.5):
+        processor = transformers.RepetitionPenaltyLogitsProcessor(penalty)
+        expected = processor(torch.as_tensor(history).long(), torch.as_tensor(logits)).numpy()
+        ours = repetition_penalized(
+            jnp.asarray(logits), jnp.asarray(history), jnp.ones(history.shape, bool), penalty
+        )
+        np.testing.assert_allclose(np.asarray(ours), expected, rtol=1e-6)
+        assert not np.allclose(expected, logits)
+    # Columns not counted (output not written yet) are not penalized.
+    counted = np.zeros(history.shape, bool)
+    ours = repetition_penalized(jnp.asarray(logits), jnp.asarray(history), counted, 1.3)
+    np.testing.assert_array_equal(np.asarray(ours), logits)
 
 
 def test_repeated_ngrams_match_transformers():

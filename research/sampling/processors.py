@@ -32,6 +32,18 @@ def repeated_ngram_mask(
     return banned > 0
 
 
+def repetition_penalized(
+    logits: jax.Array, history: jax.Array, counted: jax.Array, penalty: float
+) -> jax.Array:
+    """Hugging Face's ``RepetitionPenaltyLogitsProcessor``: every token of ``history``
+    ``[rows, S]`` where ``counted`` ``[rows, S]`` gets its logit divided by ``penalty`` when
+    positive, multiplied when negative (``logits`` ``[rows, vocab]``)."""
+    rows = jnp.arange(history.shape[0])[:, None]
+    seen = jnp.zeros(logits.shape, jnp.int32).at[rows, history].add(counted.astype(jnp.int32))
+    penalized = jnp.where(logits < 0, logits * penalty, logits / penalty)
+    return jnp.where(seen > 0, penalized, logits)
+
+
 def constrain(
     logits: jax.Array,
     cfg: SamplingConfig,
@@ -41,12 +53,23 @@ def constrain(
     generated: jax.Array,
     new_tokens: jax.Array | int,
 ) -> jax.Array:
-    """``-inf`` where the hard constraints forbid a token: EOS before ``min_new_tokens``,
-    repeated n-grams (of the prompt's real tokens and the output).
+    """The repetition penalty, then ``-inf`` where the hard constraints forbid a token: EOS
+    before ``min_new_tokens``, repeated n-grams (of the prompt's real tokens and the output).
+
+    The penalty counts the prompt's real tokens and the output's first ``new_tokens`` tokens.
+    (transformers counts every column of its input, so in a left-padded batch it also
+    penalizes the pad id, often EOS; here padding is never text.)
 
     ``logits`` ``[rows, vocab]``; ``prompt_ids``/``prompt_mask`` ``[rows, T]`` left padded;
     ``generated`` ``[rows, max_new_tokens]`` of which the first ``new_tokens`` are set.
     """
+    if cfg.repetition_penalty != 1.0:
+        history = jnp.concatenate([prompt_ids, generated], axis=1)
+        written = jnp.arange(generated.shape[1])[None, :] < new_tokens
+        counted = jnp.concatenate(
+            [prompt_mask.astype(bool), jnp.broadcast_to(written, generated.shape)], 1
+        )
+        logits = repetition_penalized(logits, history, counted, cfg.repetition_penalty)
     if cfg.min_new_tokens > 0:
         early = new_tokens < cfg.min_new_tokens
         logits = logits.at[:, eos_id].set(jnp.where(early, -jnp.inf, logits[:, eos_id]))

@@ -12,9 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
-from tqdm import tqdm
 
 from research.models.generator import Generator
+from research.progress import track
 from research.sampling.search import decode_beam, decode_one_per_row
 from research.sampling.settings import SamplingConfig, as_sampling_config
 
@@ -206,5 +206,5 @@ def generate_for_split(
     """:func:`generate_batches` over an evaluation pass (e.g. ``EvalIterator``) with a
     progress bar over its batches; yields ``(example, token_ids, text)`` per example."""
     total = len(split_batches) if hasattr(split_batches, "__len__") else None
-    progress = tqdm(split_batches, total=total, desc="generate", unit="batch")
+    progress = track(split_batches, total, "generate", "batch")
     yield from generate_batches(model, params, progress, sampling_cfg, tokenizer, devices)

@@ -22,6 +22,9 @@ class SamplingConfig:
     num_beams: int = 4  # beam
     length_penalty: float = 1.0  # beam: finished score = sum logprob / new_tokens ** this
     no_repeat_ngram_size: int = 0  # 0 = off
+    # > 1 discourages every token already in the prompt or the output (Hugging Face's
+    # RepetitionPenaltyLogitsProcessor: positive logits / penalty, negative x penalty); 1 = off.
+    repetition_penalty: float = 1.0
     min_new_tokens: int = 0  # EOS is forbidden before this many new tokens
     max_new_tokens: int = 20  # PEPLER decodes 20 tokens
     seed: int = 0  # sample
@@ -35,6 +38,8 @@ class SamplingConfig:
             raise bad("strategy", f"choose one of {', '.join(SAMPLING_CHOICES['strategy'])}")
         if not self.temperature > 0:
             raise bad("temperature", "must be > 0")
+        if not self.repetition_penalty > 0:
+            raise bad("repetition_penalty", "must be > 0 (1 = off)")
         if not 0 < self.top_p <= 1:
             raise bad("top_p", "must be in (0, 1]")
         for key in ("top_k", "no_repeat_ngram_size", "min_new_tokens", "seed"):
