@@ -92,7 +92,7 @@ def default_config() -> ml_collections.ConfigDict:
     cfg.train.stage1_patience = 2
     cfg.train.eval_every = 200
     cfg.train.eval_batch_size = 64
-    cfg.train.max_eval_batches = 0  # 0 = the whole validation split
+    cfg.train.max_eval_batches = 0  # 0 = the whole validation split; else a seeded sample
     cfg.train.log_every = 10
     cfg.train.checkpoint_every = 200
     cfg.train.keep_checkpoints = 2
@@ -103,6 +103,9 @@ def default_config() -> ml_collections.ConfigDict:
     cfg.eval = ml_collections.ConfigDict()
     cfg.eval.split = "test"
     cfg.eval.max_examples = 0  # 0 = all
+    # max_examples and train.max_eval_batches take a sample drawn with this seed across the
+    # whole split: the same examples for every method and run (research.data.splits).
+    cfg.eval.subset_seed = 0
     cfg.eval.checkpoint = "best"  # best | latest
 
     # Caches shared by runs. "" = under the user's cache directory (research/compilation_cache.py),
@@ -143,6 +146,7 @@ NON_NEGATIVE = (
     "train.max_eval_batches",
     "train.stage1_max_steps",
     "eval.max_examples",
+    "eval.subset_seed",
 )
 
 

@@ -58,6 +58,20 @@ def test_every_run_lands_with_metrics_and_tables(ablation: Path):
     assert all(line.split("|")[2].strip() == "2" for line in table[2:])
 
 
+def test_every_method_and_seed_is_scored_on_the_same_seeded_sample(ablation: Path):
+    evaluated, validated = set(), set()
+    for cell in CELLS:
+        for seed in (0, 1):
+            rundir = ablation / cell / f"seed{seed}"
+            samples = (rundir / "eval" / "test" / "samples.jsonl").read_text().splitlines()
+            evaluated.add(tuple(json.loads(line)["example"] for line in samples))
+            validated.add((rundir / "validation_subset.json").read_text())
+    assert len(evaluated) == 1 and len(validated) == 1
+    (examples,) = evaluated
+    assert examples != tuple(range(6))  # not the first six in file order
+    assert json.loads(validated.pop())["num_examples"] == 8  # max_eval_batches x eval_batch_size
+
+
 def test_rerun_skips_finished_cells(ablation: Path, capsys):
     before = (ablation / "none" / "seed0" / "metrics.jsonl").read_text()
     run_ablation(CONFIG, ablation)

@@ -108,6 +108,34 @@ def test_seeded_split_is_deterministic_disjoint_and_keeps_entities_in_train():
         assert {records[p].item for p in split[name]} <= {r.item for r in train}
 
 
+def test_validation_sample_is_seeded_and_spread_over_a_user_sorted_file(tmp_path):
+    # 20 users x 10 reviews, sorted by user as many dumps are: the first 16 validation
+    # examples in file order belong to a handful of users.
+    rows = [
+        {"user": f"u{u:02d}", "item": f"i{(u + k) % 15}", "rating": 3, "text": f"Review {k}."}
+        for u in range(20)
+        for k in range(10)
+    ]
+    cfg = data_config()
+    cfg.update(source="jsonl", path=str(write_lines(tmp_path / "r.jsonl", rows)))
+    cfg.update(encoder_input="none", split_ratios=(0.5, 0.5, 0.0))
+    dataset = load_dataset(cfg)
+    validation = dataset.splits["validation"]
+    first = {validation.records[i].user for i in range(16)}
+    sample = dataset.eval_subset("validation", 16, seed=0)
+    assert np.array_equal(sample, dataset.eval_subset("validation", 16, seed=0))
+    assert not np.array_equal(sample, dataset.eval_subset("validation", 16, seed=1))
+    assert len(set(sample)) == 16 and np.all(np.diff(sample) > 0)
+    sampled_users = {validation.records[i].user for i in sample}
+    assert len(first) <= 4 and len(sampled_users) >= 10
+    visited = [
+        e for b in dataset.eval_iterator("validation", 8, examples=sample) for e in b["example"]
+    ]
+    assert visited == sample.tolist()
+    assert dataset.eval_subset("validation", 0, seed=0) is None
+    assert dataset.eval_subset("validation", len(validation), seed=0) is None
+
+
 def test_index_maps_come_from_train_with_zero_for_unseen():
     cfg = small_synthetic(keep_test_entities_in_train=False, split_ratios=(0.3, 0.3, 0.4))
     dataset = load_dataset(cfg)

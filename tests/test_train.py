@@ -753,6 +753,32 @@ def test_metrics_rows_follow_the_schedule_and_tensorboard_is_written(reference_r
         assert tag in content, tag
 
 
+def test_log_file_output_is_plain_lines_with_data_and_validation_results(reference_run):
+    """The run's stdout/stderr went to a file: no bars, the data load and every validation."""
+    log = (reference_run.parent / "reference.log").read_text()
+    assert "\r" not in log
+    assert re.search(r"^loading data: synthetic \.\.\.$", log, re.M)
+    loaded = re.search(
+        r"^loaded data in [\d.]+ s: train (\d+), validation (\d+), test (\d+)", log, re.M
+    )
+    assert loaded and tuple(map(int, loaded.groups())) == (80, 10, 10)
+    assert len(re.findall(rf"^train: step {STEPS}/{STEPS} \(100%\)", log, re.M)) == 1
+    printed = re.findall(
+        r"^step (\d+): validation loss ([\d.]+), perplexity ([\d.]+) "
+        r"\(best so far: loss ([\d.]+)",
+        log,
+        re.M,
+    )
+    logged = rows(reference_run, "validation")
+    assert [int(p[0]) for p in printed] == [row["step"] for row in logged]
+    best = math.inf
+    for (_, loss, perplexity, best_printed), row in zip(printed, logged, strict=True):
+        best = min(best, row["loss"])
+        assert float(loss) == pytest.approx(row["loss"], abs=1e-4)
+        assert float(perplexity) == pytest.approx(row["perplexity"], abs=1e-2)
+        assert float(best_printed) == pytest.approx(best, abs=1e-4)
+
+
 def test_one_device_matches_four_devices(one_device_run, no_dropout_run):
     """Same global batch on 1 and on 4 devices: the same loss curve up to float rounding.
 

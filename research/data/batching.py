@@ -162,7 +162,10 @@ class TrainIterator:
 
 
 class EvalIterator:
-    """One sequential pass over a split per ``iter()``; the last batch is padded to full size."""
+    """One sequential pass over a split per ``iter()``; the last batch is padded to full size.
+
+    ``examples`` (int [n], split indices) restricts the pass to those examples, in that order.
+    """
 
     def __init__(
         self,
@@ -172,17 +175,20 @@ class EvalIterator:
         encoder_buckets: tuple[int, ...],
         process_index: int = 0,
         process_count: int = 1,
+        examples: np.ndarray | None = None,
     ):
         self._local = _local_slice(global_batch_size, process_index, process_count)
         self._split = split
+        self._rows = np.arange(len(split)) if examples is None else np.asarray(examples, np.int64)
         self._batch_size = global_batch_size
         self._buckets = (target_buckets, encoder_buckets)
 
     def __len__(self) -> int:
-        return -(-len(self._split) // self._batch_size)
+        return -(-len(self._rows) // self._batch_size)
 
     def __iter__(self):
-        for start in range(0, len(self._split), self._batch_size):
-            rows = np.arange(start, start + self._batch_size)
-            rows[rows >= len(self._split)] = -1
+        for start in range(0, len(self._rows), self._batch_size):
+            rows = np.full(self._batch_size, -1, np.int64)
+            chunk = self._rows[start : start + self._batch_size]
+            rows[: len(chunk)] = chunk
             yield make_batch(self._split, rows, self._local, *self._buckets)

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from research.data.config import SPLITS, effective_buckets, validate_data_config
 from research.data.encoder_inputs import encoder_rows, training_histories
 from research.data.loaders import LoadedData, load_records
 from research.data.records import Review
-from research.data.splits import seeded_split
+from research.data.splits import seeded_split, seeded_subset
 
 # Bump when the cached arrays would change for the same key (a change in how they are built).
 CACHE_VERSION = 1
@@ -101,9 +102,14 @@ class Dataset:
         )
 
     def eval_iterator(
-        self, split: str, global_batch_size: int, process_index: int = 0, process_count: int = 1
+        self,
+        split: str,
+        global_batch_size: int,
+        process_index: int = 0,
+        process_count: int = 1,
+        examples: np.ndarray | None = None,
     ) -> EvalIterator:
-        """One sequential pass over ``split`` (re-iterable), last batch padded to full size."""
+        """One sequential pass over ``split`` (or its ``examples``), last batch padded."""
         return EvalIterator(
             self.splits[split],
             global_batch_size,
@@ -111,13 +117,30 @@ class Dataset:
             self.encoder_buckets,
             process_index,
             process_count,
+            examples,
         )
+
+    def eval_subset(self, split: str, count: int, seed: int) -> np.ndarray | None:
+        """``count`` examples of ``split`` drawn with ``seed`` (None: all of them).
+
+        The draw depends only on the split and the seed (never on the model or the run's
+        seed), so every method is scored on the same examples, spread over the whole split
+        whatever order the file had.
+        """
+        return seeded_subset(len(self.splits[split]), count, seed)
 
     def reference_texts(self, split: str) -> list[str]:
         """Targets as the decoder sees them (cut to max_target_tokens), decoded, per example."""
         decoder = self.splits[split].decoder
         rows = [decoder[r][1:-1].tolist() for r in range(len(decoder))]
         return self.decoder_tokenizer.batch_decode(rows)
+
+
+def subset_record(examples: np.ndarray | None) -> dict:
+    """What a run writes down about the examples it was scored on."""
+    if examples is None:
+        return {"examples": "all"}
+    return {"num_examples": len(examples), "examples": examples.tolist()}
 
 
 def _dense_index(ids) -> tuple[list[str], dict[str, int]]:
@@ -313,3 +336,25 @@ def load_dataset(
         encoder_buckets=effective_buckets(cfg.encoder_buckets, cfg.max_encoder_tokens),
         decoder_tokenizer=decoder_tok,
     )
+
+
+def load_dataset_logged(
+    data_cfg: ml_collections.ConfigDict, workdir: str | Path | None = None, verbose: bool = True
+) -> Dataset:
+    """:func:`load_dataset`, announced with a line before and a line of counts and time after."""
+    where = f" from {data_cfg.path}" if data_cfg.path else ""
+    if verbose:
+        print(f"loading data: {data_cfg.source}{where} ...", flush=True)
+    started = time.perf_counter()
+    dataset = load_dataset(data_cfg, workdir)
+    if verbose:
+        report = dataset.report
+        splits = ", ".join(f"{k} {v:,}" for k, v in report["records_per_split"].items())
+        skipped = sum(report["bad_rows"]["skipped"].values())
+        print(
+            f"loaded data in {time.perf_counter() - started:.1f} s: {splits} reviews, "
+            f"{report['num_users']:,} users, {report['num_items']:,} items, "
+            f"{skipped:,} bad rows skipped",
+            flush=True,
+        )
+    return dataset

@@ -1,4 +1,4 @@
-"""Deterministic seeded train/validation/test split."""
+"""Deterministic seeded train/validation/test split, and seeded evaluation subsets."""
 
 from __future__ import annotations
 
@@ -38,3 +38,13 @@ def seeded_split(
     test = free[num_validation : num_validation + num_test]
     train = free[num_validation + num_test :] + sorted(forced_train)
     return dict(zip(SPLITS, (sorted(train), sorted(validation), sorted(test)), strict=True))
+
+
+def seeded_subset(size: int, count: int, seed: int) -> np.ndarray | None:
+    """``count`` distinct indices of ``range(size)`` drawn with ``seed``, ascending.
+
+    None when ``count`` is 0 or covers everything (use the whole split).
+    """
+    if not count or count >= size:
+        return None
+    return np.sort(np.random.default_rng(seed).choice(size, size=count, replace=False))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from flax import jax_utils
 from research import compilation_cache
 from research.config import apply_override, from_json_dict, validate
 from research.data import tokenizers
-from research.data.pipeline import Dataset, load_dataset
+from research.data.pipeline import Dataset, load_dataset_logged
 from research.eval.metrics import text_metrics
 from research.models.build import build_generator
 from research.models.generator import Generator, init_generator
@@ -76,34 +76,26 @@ def restore_params(cfg, workdir: str | Path, model: Generator, which: str = "bes
 def load_run(workdir: str | Path, overrides=(), which: str | None = None) -> LoadedRun:
     cfg = run_config(workdir, overrides)
     compilation_cache.enable(cfg.cache.compilation_dir)
-    dataset = load_dataset(cfg.data)
+    dataset = load_dataset_logged(cfg.data)
     model, _ = build_generator(cfg, dataset.num_users, dataset.num_items)
     params, step = restore_params(cfg, workdir, model, which or cfg.eval.checkpoint)
     return LoadedRun(cfg, dataset, model, params, step)
 
 
-def _limited(batches: Iterable[dict], max_examples: int) -> Iterator[dict]:
-    """Batches whose rows past the first ``max_examples`` examples are marked padding."""
-    for batch in batches:
-        if max_examples:
-            batch = dict(batch)
-            batch["example"] = np.where(batch["example"] < max_examples, batch["example"], -1)
-            if (batch["example"] < 0).all():
-                return
-        yield batch
+def eval_examples(run: LoadedRun, split: str, max_examples: int) -> np.ndarray | None:
+    """The seeded sample of ``max_examples`` examples of ``split`` (None: all)."""
+    return run.dataset.eval_subset(split, max_examples, run.cfg.eval.subset_seed)
 
 
 def split_perplexity(run: LoadedRun, split: str, max_examples: int = 0) -> float:
-    """exp(mean per-token loss) of the reference targets of ``split``."""
+    """exp(mean per-token loss) of the reference targets of ``split`` (or its sample)."""
     devices = jax.local_device_count()
     step = make_eval_step(run.model)
     params = jax_utils.replicate(run.params)
     total = count = 0.0
-    batches = run.dataset.eval_iterator(split, run.cfg.train.eval_batch_size)
-    for batch in _limited(batches, max_examples):
-        batch = dict(batch)
-        keep = (batch.pop("example") >= 0).astype(batch["decoder_mask"].dtype)
-        batch["decoder_mask"] = batch["decoder_mask"] * keep[:, None]
+    examples = eval_examples(run, split, max_examples)
+    for batch in run.dataset.eval_iterator(split, run.cfg.train.eval_batch_size, examples=examples):
+        batch = {k: v for k, v in batch.items() if k != "example"}
         t, c = step(params, shard(batch, devices))
         total, count = total + float(t[0]), count + float(c[0])
     return math.exp(total / max(count, 1.0))
@@ -114,7 +106,8 @@ def generate_split(run: LoadedRun, split: str, max_examples: int = 0) -> list[di
     sampling = SamplingConfig.from_config(run.cfg.sampling)
     data = run.dataset.splits[split]
     references = run.dataset.reference_texts(split)
-    batches = _limited(run.dataset.eval_iterator(split, sampling.batch_size), max_examples)
+    examples = eval_examples(run, split, max_examples)
+    batches = run.dataset.eval_iterator(split, sampling.batch_size, examples=examples)
     rows = []
     for out in generate_for_split(
         run.model, run.params, batches, run.dataset.decoder_tokenizer, sampling

@@ -27,12 +27,12 @@ from pathlib import Path
 import jax
 import ml_collections
 from flax import jax_utils
-from tqdm.auto import tqdm
 
 from research import compilation_cache
-from research.data.pipeline import Dataset, load_dataset
+from research.data.pipeline import Dataset, load_dataset_logged, subset_record
 from research.models.build import build_generator
 from research.models.generator import parameter_summary
+from research.progress import compile_log, progress_bar
 from research.train import distributed
 from research.train.checkpoint import Checkpointer
 from research.train.optim import learning_rate_schedule, make_optimizer, trainable_labels
@@ -139,21 +139,33 @@ class Trainer:
         labels = trainable_labels(self.initial_params, _trainable(self.cfg, stage))
         return make_train_step(self.model, tx, labels, self.schedule)
 
+    def validation_examples(self):
+        """The seeded sample of max_eval_batches batches (None: the whole split)."""
+        count = self.cfg.train.max_eval_batches * self.cfg.train.eval_batch_size
+        return self.dataset.eval_subset("validation", count, self.cfg.eval.subset_seed)
+
     def evaluate(self, params_replicated, split: str = "validation") -> float:
-        """Mean per-token loss over ``split`` (or its first max_eval_batches batches)."""
+        """Mean per-token loss over ``split`` (validation: its seeded max_eval_batches sample)."""
+        examples = self.validation_examples() if split == "validation" else None
         batches = self.dataset.eval_iterator(
-            split, self.cfg.train.eval_batch_size, jax.process_index(), self.processes
+            split, self.cfg.train.eval_batch_size, jax.process_index(), self.processes, examples
         )
         sums = []  # on the devices until the pass is over
-        for i, batch in enumerate(batches):
-            if self.cfg.train.max_eval_batches and i >= self.cfg.train.max_eval_batches:
-                break
+        for batch in batches:
             batch = {k: v for k, v in batch.items() if k != "example"}
             sums.append(self.eval_step(params_replicated, shard(batch, self.devices)))
         fetched = jax.device_get(sums)
         total = sum(float(t[0]) for t, _ in fetched)
         count = sum(float(c[0]) for _, c in fetched)
         return total / max(count, 1.0)
+
+
+def validation_line(step: int, loss: float, best: float) -> str:
+    """What training prints after each validation pass."""
+    return (
+        f"step {step}: validation loss {loss:.4f}, perplexity {math.exp(min(loss, 50.0)):.2f} "
+        f"(best so far: loss {best:.4f}, perplexity {math.exp(min(best, 50.0)):.2f})"
+    )
 
 
 def _host(tree):
@@ -179,8 +191,10 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, command: list[str
     if primary:
         workdir.mkdir(parents=True, exist_ok=True)
         write_json(workdir / "run.json", run_record(cfg, command))
-    dataset = load_dataset(cfg.data, workdir if primary else None)
+    dataset = load_dataset_logged(cfg.data, workdir if primary else None, verbose=primary)
     trainer = Trainer(cfg, workdir, dataset)
+    if primary:
+        write_json(workdir / "validation_subset.json", subset_record(trainer.validation_examples()))
     checkpoints = Checkpointer(
         workdir, keep_last=cfg.train.keep_checkpoints, save_every=cfg.train.checkpoint_every
     )
@@ -206,7 +220,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, command: list[str
     if primary:
         # Also without a checkpoint: a run killed before its first save logged steps it redoes.
         _truncate_metrics(workdir, start or 0)
-    return _run(cfg, workdir, trainer, checkpoints, progress, data, tx, state, start or 0)
+    with compile_log() if primary else contextlib.nullcontext():
+        return _run(cfg, workdir, trainer, checkpoints, progress, data, tx, state, start or 0)
 
 
 class _StepMetrics:
@@ -216,7 +231,7 @@ class _StepMetrics:
     before a checkpoint is written or the model evaluated, never after every step.
     """
 
-    def __init__(self, checkpoints: Checkpointer, bar: tqdm):
+    def __init__(self, checkpoints: Checkpointer, bar):
         self._checkpoints, self._bar = checkpoints, bar
         self._pending: list[tuple[int, dict]] = []
         self._window_tokens, self._window_start = 0.0, time.perf_counter()
@@ -268,7 +283,9 @@ def _run(cfg, workdir, trainer, checkpoints, progress, data, tx, state, step):
     state = replicate(state, trainer.devices)
     seed_key = replicate(trainer.dropout_seed, trainer.devices)
     stop = _StopRequest()
-    bar = tqdm(total=cfg.train.steps, initial=step, disable=not primary, desc="train", unit="step")
+    bar = progress_bar(
+        cfg.train.steps, "train", "step", step, not primary, every=cfg.train.log_every
+    )
     step_metrics, last_loss = _StepMetrics(checkpoints, bar), float("nan")
 
     def next_batch():
@@ -299,7 +316,6 @@ def _run(cfg, workdir, trainer, checkpoints, progress, data, tx, state, step):
             step_metrics.add(step, metrics)
             if step < cfg.train.steps:
                 upcoming = next_batch()  # read and copied while the step runs
-            bar.update(1)
             if step % cfg.train.log_every == 0 or step == cfg.train.steps:
                 row = step_metrics.fetch()
                 last_loss, tokens_per_s = row["loss"], step_metrics.tokens_per_s()
@@ -315,6 +331,7 @@ def _run(cfg, workdir, trainer, checkpoints, progress, data, tx, state, step):
                         "grad_norm": row["grad_norm"],
                     },
                 )
+            bar.update(1)  # after set_postfix: a log file's line shows this step's loss
             val_loss = None
             if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
                 step_metrics.fetch()
@@ -329,6 +346,8 @@ def _run(cfg, workdir, trainer, checkpoints, progress, data, tx, state, step):
                 progress.evals_without_improvement = (
                     0 if improved else progress.evals_without_improvement + 1
                 )
+                if primary:
+                    bar.write(validation_line(step, val_loss, progress.best_val_loss))
             switch = progress.stage == 1 and (
                 step >= cfg.train.stage1_max_steps
                 or progress.evals_without_improvement >= cfg.train.stage1_patience
@@ -346,7 +365,7 @@ def _run(cfg, workdir, trainer, checkpoints, progress, data, tx, state, step):
                 state = replicate(fresh, trainer.devices)
                 step_fn = trainer.train_step(2, tx)
                 if primary:
-                    tqdm.write(f"step {step}: stage 2, training {_trainable(cfg, 2)}")
+                    bar.write(f"step {step}: stage 2, training {_trainable(cfg, 2)}")
             # The switch point is a resume point.
             save(force=step == cfg.train.steps or switch, val_loss=val_loss)
             if stop.signal_name:
