@@ -100,6 +100,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from research.config import ConfigError, split_overrides
+    from research.errors import ExpectedError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -113,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except ExpectedError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
 
 
 def _dispatch(args, overrides, argv) -> int | None:

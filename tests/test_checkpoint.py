@@ -21,9 +21,16 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 
-from research.train.checkpoint import DELETED_SUBDIR, Checkpointer
+from research.train.checkpoint import (
+    CORRUPT_SUBDIR,
+    DELETED_SUBDIR,
+    Checkpointer,
+    CheckpointMismatch,
+    NoIntactCheckpoint,
+)
 from tests.checkpoint_kill_worker import (
     KEEP_LAST,
     assert_bitwise_equal,
@@ -246,6 +253,145 @@ def test_bad_inputs_are_rejected_before_writing(tmp_path):
         assert ckpt.all_steps() == []
     with pytest.raises(ValueError, match="keep_last=0"):
         Checkpointer(tmp_path, keep_last=0)
+
+
+def save_old_layout(workdir: Path, step: int, state: dict, meta: dict, val_loss: float) -> None:
+    """A checkpoint as this code wrote them before ``params`` became an item (a frozen copy of
+    that save: the whole state in one ``state`` item, ``meta``, Orbax's metrics)."""
+    registry = ocp.handlers.create_default_handler_registry(
+        state=ocp.StandardCheckpointHandler(), meta=ocp.JsonCheckpointHandler()
+    )
+    options = ocp.CheckpointManagerOptions(best_fn=lambda m: m["val_loss"], best_mode="min")
+    directory = Path(workdir).resolve() / "checkpoints"
+    with ocp.CheckpointManager(directory, options=options, handler_registry=registry) as manager:
+        host = jax.tree.map(np.asarray, state)
+        args = ocp.args.Composite(state=ocp.args.StandardSave(host), meta=ocp.args.JsonSave(meta))
+        manager.save(step, args=args, metrics={"val_loss": val_loss})
+
+
+def test_params_are_an_item_of_their_own_read_without_the_optimizer(tmp_path):
+    state = training_state()
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save(17, state, META)
+    assert {"params", "state", "meta"} <= set(os.listdir(tmp_path / "checkpoints" / "17"))
+    with Checkpointer(tmp_path, read_only=True) as ckpt:
+        # No target at all (the saved shapes; tuples come back as lists), or the params' shapes.
+        untargeted = jax.tree.leaves(ckpt.restore_params())
+        assert [a.tobytes() for a in untargeted] == [
+            np.asarray(a).tobytes() for a in jax.tree.leaves(state["params"])
+        ]
+        params = ckpt.restore_params(17, jax.eval_shape(lambda: training_state()["params"]))
+        assert_bitwise_equal(params, state["params"], "params, abstract target")
+        wrong = {**state["params"], "encoder": (jnp.zeros(8), jnp.zeros(()), jnp.zeros(1))}
+        with pytest.raises(CheckpointMismatch, match="missing in checkpoint"):
+            ckpt.restore_params(17, wrong)
+
+
+def test_checkpoints_of_the_old_layout_still_restore(tmp_path):
+    """Parameters inside ``state``: training restores them, evaluation reads only them."""
+    state = training_state()
+    save_old_layout(tmp_path, 17, state, META, val_loss=1.5)
+    assert "params" not in os.listdir(tmp_path / "checkpoints" / "17")
+    with Checkpointer(tmp_path, read_only=True) as ckpt:
+        assert ckpt.best_step() == 17
+        params = ckpt.restore_params(target=jax.eval_shape(lambda: state["params"]))
+        assert_bitwise_equal(params, state["params"], "old layout params")
+    with Checkpointer(tmp_path) as ckpt:
+        restored, meta = ckpt.restore(target=jax.eval_shape(training_state))
+        assert_bitwise_equal(restored, state, "old layout state")
+        assert meta == META
+        ckpt.save(18, state, META)  # a resumed run goes on in the new layout
+        assert ckpt.all_steps() == [17, 18]
+
+
+def test_read_only_never_cleans_deletes_or_writes(tmp_path):
+    """What evaluation opens while a trainer runs: the trainer's save in progress survives."""
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save(1, {"x": np.arange(3.0)}, {})
+    directory = tmp_path / "checkpoints"
+    (directory / f"2{TMP_SUFFIX}" / "state").mkdir(parents=True)  # the trainer is saving
+    (directory / DELETED_SUBDIR / "0").mkdir(parents=True)  # and about to empty its trash
+    before = sorted(str(p.relative_to(directory)) for p in directory.rglob("*"))
+    with Checkpointer(tmp_path, read_only=True) as ckpt:
+        assert ckpt.all_steps() == [1]
+        restored, _ = ckpt.restore(target={"x": np.zeros(3)})
+        assert restored["x"].tolist() == [0.0, 1.0, 2.0]
+        with pytest.raises(RuntimeError, match="read-only"):
+            ckpt.save(3, {"x": np.arange(3.0)}, {}, force=True)
+    assert sorted(str(p.relative_to(directory)) for p in directory.rglob("*")) == before
+    with Checkpointer(tmp_path / "none", read_only=True) as ckpt:
+        assert ckpt.latest_step() is None
+    assert not (tmp_path / "none").exists()
+
+
+def _biggest_file(folder: Path) -> Path:
+    return max((p for p in folder.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+def _truncate(path: Path) -> None:
+    with path.open("r+b") as f:
+        f.truncate(path.stat().st_size // 2)
+
+
+DAMAGE = {
+    "truncated_array": lambda step: _truncate(_biggest_file(step / "params" / "ocdbt.process_0")),
+    "deleted_array": lambda step: _biggest_file(step / "params").unlink(),
+    "deleted_metadata": lambda step: (step / "params" / "_METADATA").unlink(),
+    "truncated_meta": lambda step: _truncate(step / "meta" / "metadata"),
+}
+
+
+def _tree_bytes(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("damage", DAMAGE, ids=list(DAMAGE))
+def test_a_damaged_step_is_moved_aside_and_the_one_before_restores(tmp_path, damage, capfd):
+    with Checkpointer(tmp_path) as ckpt:
+        for step in (1, 2, 3):
+            ckpt.save(step, training_state(step), {"n": step})
+    directory = tmp_path / "checkpoints"
+    DAMAGE[damage](directory / "3")
+    damaged = _tree_bytes(directory / "3")
+    with Checkpointer(tmp_path, keep_last=1) as ckpt:
+        step, state, meta = ckpt.restore_newest(lambda meta: jax.eval_shape(training_state))
+        assert (step, meta) == (2, {"n": 2})
+        assert_bitwise_equal(state, training_state(2), "fallback step")
+        assert _tree_bytes(directory / CORRUPT_SUBDIR / "3") == damaged  # kept, byte for byte
+        # Retention counts only intact steps: keep_last=1 keeps the new step 3, and step 2
+        # goes only once the new step 3 is complete.
+        assert ckpt.save(3, training_state(3), {"n": 3})
+        assert ckpt.all_steps() == [3]
+        assert_bitwise_equal(ckpt.restore(target=training_state(3))[0], training_state(3), "3")
+    err = capfd.readouterr().err
+    warnings = [line for line in err.splitlines() if line.startswith("warning: ")]
+    assert warnings[0].startswith(f"warning: checkpoint {directory / '3'} does not restore (")
+    assert warnings[1] == (
+        f"warning: moved the damaged checkpoint of step 3 to {directory / CORRUPT_SUBDIR / '3'}"
+    )
+    assert "Traceback" not in err and "Event loop is closed" not in err
+
+
+def test_no_intact_step_stops_and_moves_nothing(tmp_path):
+    with Checkpointer(tmp_path) as ckpt:
+        for step in (1, 2):
+            ckpt.save(step, training_state(step), {"n": step})
+    directory = tmp_path / "checkpoints"
+    for step in (1, 2):
+        _truncate(directory / str(step) / "meta" / "metadata")
+    before = _tree_bytes(directory)
+    with (
+        Checkpointer(tmp_path) as ckpt,
+        pytest.raises(NoIntactCheckpoint, match=r"\(step 2: .*; step 1: .*\); nothing was"),
+    ):
+        ckpt.restore_newest(lambda meta: jax.eval_shape(training_state))
+    assert _tree_bytes(directory) == before
+    # A config change is not damage: it is raised, not moved aside.
+    with Checkpointer(tmp_path / "ok") as ckpt:
+        ckpt.save(1, training_state(1), {"n": 1})
+        with pytest.raises(CheckpointMismatch):
+            ckpt.restore_newest(lambda meta: {"params": {"other": jnp.zeros(2)}})
+        assert ckpt.all_steps() == [1]
 
 
 def _kill_lane(workdir: Path, delays: list[float], log: Path) -> list[dict]:

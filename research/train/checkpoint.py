@@ -1,9 +1,12 @@
 """Checkpoints: Orbax ``CheckpointManager`` in ``WORKDIR/checkpoints``, safe to kill at any moment.
 
-A checkpoint is one step directory holding two items, written by Orbax:
+A checkpoint is one step directory holding these items, written by Orbax:
 
-* ``state``: a pytree of arrays (params, optimizer state, ``jax.random.key_data`` of the RNG key,
-  step counter, ...), stored with ``StandardSave`` as numpy arrays.
+* ``params``: the state's ``"params"`` entry, as its own item so that evaluation and export
+  read the parameters without knowing the optimizer (:meth:`Checkpointer.restore_params`).
+* ``state``: the rest of the state (optimizer state, step counter, ...), stored with
+  ``StandardSave`` as numpy arrays. Checkpoints written before ``params`` was an item hold the
+  parameters inside ``state``; they restore unchanged.
 * ``meta``: a JSON dict (data iterator position, training stage, config hash, ...).
 
 plus Orbax's ``metrics`` item (``{"val_loss": x}``) when the save was given a validation loss.
@@ -28,6 +31,15 @@ Kill safety (local or network POSIX file systems):
   *rename* old steps into ``checkpoints/deleted/`` instead (atomic); we empty that folder after
   each save and on start.
 
+Damage: :meth:`Checkpointer.restore_newest` tries steps from the newest down. A step that
+fails to restore (a truncated or missing file, in any item) is named in one line and renamed
+into ``checkpoints/corrupt/<step>`` (kept, never deleted; an atomic rename, so a kill leaves it
+either in place or moved) once an older step has restored, so retention only ever counts intact
+steps. When no step restores, nothing is moved and :class:`NoIntactCheckpoint` says so.
+
+Read-only use (evaluation, generation, export): ``Checkpointer(workdir, read_only=True)`` never
+cleans, deletes or writes under ``checkpoints/``, so it is safe while a trainer saves.
+
 Use from the train loop: call ``save`` at *every* step and let it decide (``save_every``, and
 JAX's multi-host preemption notice, which needs every process to ask at every step); pass
 ``force=True`` at the end of the run and on SIGTERM. Leaves are copied to host memory only when a
@@ -46,8 +58,13 @@ would need ``StandardSave`` on sharded ``jax.Array`` s instead of host numpy cop
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
+import os
 import shutil
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -56,11 +73,31 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
+from research.errors import ExpectedError
+
 VAL_LOSS = "val_loss"
+PARAMS_ITEM = "params"
 STATE_ITEM = "state"
 META_ITEM = "meta"
 # Old steps are renamed here (atomic) and then removed; Orbax ignores it: not a step name.
 DELETED_SUBDIR = "deleted"
+# Steps that failed to restore are renamed here and kept.
+CORRUPT_SUBDIR = "corrupt"
+
+
+class CheckpointMismatch(ExpectedError, ValueError):
+    """The saved tree differs from the target in keys, shapes or dtypes (a config change)."""
+
+
+class NoIntactCheckpoint(ExpectedError, RuntimeError):
+    """Checkpoints exist but none of them restores; the message lists each step's error."""
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = lines[0] if lines else ""
+    text = text if len(text) <= 300 else text[:297] + "..."
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def _val_loss(metrics: dict[str, float]) -> float:
@@ -128,6 +165,7 @@ class Checkpointer:
       save_every: ``save`` writes only at steps divisible by this, unless ``force=True``.
       async_save: write in a background thread; ``save`` returns once the state is copied to
         host memory. Call ``wait_until_finished`` or ``close`` before relying on the files.
+      read_only: only read: no cleaning of leftovers, no deletes, no saves (evaluation, export).
     """
 
     def __init__(
@@ -138,6 +176,7 @@ class Checkpointer:
         keep_best: bool = True,
         save_every: int = 1,
         async_save: bool = False,
+        read_only: bool = False,
     ):
         if not isinstance(keep_last, int) or keep_last < 1:
             raise ValueError(f"keep_last={keep_last!r}: must be an integer >= 1")
@@ -145,6 +184,23 @@ class Checkpointer:
             raise ValueError(f"save_every={save_every!r}: must be an integer >= 1")
         self.directory = Path(workdir).resolve() / "checkpoints"  # Orbax needs absolute paths
         self._async_save = async_save
+        self.read_only = read_only
+        registry = ocp.handlers.create_default_handler_registry(
+            **{
+                PARAMS_ITEM: ocp.StandardCheckpointHandler(),
+                STATE_ITEM: ocp.StandardCheckpointHandler(),
+                META_ITEM: ocp.JsonCheckpointHandler(),
+            }
+        )
+        if read_only:
+            with _absl_quiet():  # Orbax warns that the directory is read-only: we asked for it
+                options = ocp.CheckpointManagerOptions(
+                    best_fn=_val_loss, best_mode="min", read_only=True, create=False
+                )
+                self._manager = ocp.CheckpointManager(
+                    self.directory, options=options, handler_registry=registry
+                )
+            return
         self._purge_deleted()  # a kill while emptying it leaves a partial folder behind
 
         preserve = [checkpoint_managers.LatestN(n=keep_last)]
@@ -173,16 +229,13 @@ class Checkpointer:
             cleanup_tmp_directories=True,
             todelete_subdir=DELETED_SUBDIR,
         )
-        registry = ocp.handlers.create_default_handler_registry(
-            **{STATE_ITEM: ocp.StandardCheckpointHandler(), META_ITEM: ocp.JsonCheckpointHandler()}
-        )
         self._manager = ocp.CheckpointManager(
             self.directory, options=options, handler_registry=registry
         )
 
     def should_save(self, step: int) -> bool:
         """Whether ``save(step, ...)`` without ``force`` would write (cheap; no state needed)."""
-        return self._manager.should_save(step)
+        return not self.read_only and self._manager.should_save(step)
 
     def save(
         self,
@@ -203,10 +256,13 @@ class Checkpointer:
         Args:
           step: training step the state belongs to.
           state: pytree of arrays (jax or numpy); typed PRNG keys must be passed as key data.
+            A dict's ``"params"`` entry is stored as the ``params`` item.
           meta: JSON dict (string keys; lists, not tuples; finite floats).
           val_loss: validation loss at this step, used to keep the best step.
           force: save regardless of ``save_every`` (end of run, SIGTERM).
         """
+        if self.read_only:
+            raise RuntimeError(f"{self.directory} was opened read-only; it cannot save")
         if step in self._manager.all_steps():
             return False
         if not (force or self.should_save(step)):
@@ -219,14 +275,15 @@ class Checkpointer:
         if self._async_save:
             self.wait_until_finished()  # the previous save's deletions land in DELETED_SUBDIR
         host_state = jax.tree_util.tree_map_with_path(_host_array, state)
+        items = {META_ITEM: ocp.args.JsonSave(meta)}
+        if isinstance(host_state, dict) and PARAMS_ITEM in host_state:
+            host_state = dict(host_state)
+            items[PARAMS_ITEM] = ocp.args.StandardSave(host_state.pop(PARAMS_ITEM))
+        if host_state:
+            items[STATE_ITEM] = ocp.args.StandardSave(host_state)
         saved = self._manager.save(
             step,
-            args=ocp.args.Composite(
-                **{
-                    STATE_ITEM: ocp.args.StandardSave(host_state),
-                    META_ITEM: ocp.args.JsonSave(meta),
-                }
-            ),
+            args=ocp.args.Composite(**items),
             metrics=None if val_loss is None else {VAL_LOSS: val_loss},
             force=True,  # the decision was made above
         )
@@ -251,6 +308,20 @@ class Checkpointer:
         metrics = self._manager.metrics(step)
         return None if metrics is None else metrics[VAL_LOSS]
 
+    def _step_dir(self, step: int) -> Path:
+        return self.directory / str(step)
+
+    def _require(self, step: int | None) -> int:
+        if step is None:
+            step = self.latest_step()
+            if step is None:
+                raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
+        elif step not in self._manager.all_steps():
+            raise FileNotFoundError(
+                f"no checkpoint for step {step} in {self.directory}; steps: {self.all_steps()}"
+            )
+        return step
+
     def restore(self, step: int | None = None, *, target: Any) -> tuple[Any, dict[str, Any]]:
         """``(state, meta)`` of ``step`` (default: the latest complete one).
 
@@ -265,59 +336,150 @@ class Checkpointer:
 
         Raises:
           FileNotFoundError: no checkpoint (or not that step) in ``self.directory``.
-          ValueError: the saved tree differs from ``target`` in keys, shapes or dtypes.
+          CheckpointMismatch: the saved tree differs from ``target`` in keys, shapes or dtypes.
         """
-        if step is None:
-            step = self.latest_step()
-            if step is None:
-                raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
-        elif step not in self._manager.all_steps():
-            raise FileNotFoundError(
-                f"no checkpoint for step {step} in {self.directory}; steps: {self.all_steps()}"
-            )
+        step = self._require(step)
         abstract = jax.tree_util.tree_map_with_path(_abstract_leaf, target)
-        self._check_matches(step, abstract)
+        targets = {STATE_ITEM: abstract}
+        if (self._step_dir(step) / PARAMS_ITEM).is_dir():
+            if not (isinstance(abstract, dict) and PARAMS_ITEM in abstract):
+                raise CheckpointMismatch(
+                    f"checkpoint {self._step_dir(step)} holds params; the target has none"
+                )
+            rest = {k: v for k, v in abstract.items() if k != PARAMS_ITEM}
+            targets = {PARAMS_ITEM: abstract[PARAMS_ITEM]} | ({STATE_ITEM: rest} if rest else {})
+        for item, tree in targets.items():
+            self._check_matches(step, item, tree)
+        items = {item: ocp.args.StandardRestore(tree) for item, tree in targets.items()}
         restored = self._manager.restore(
-            step,
-            args=ocp.args.Composite(
-                **{
-                    STATE_ITEM: ocp.args.StandardRestore(abstract),
-                    META_ITEM: ocp.args.JsonRestore(),
-                }
-            ),
+            step, args=ocp.args.Composite(**items, **{META_ITEM: ocp.args.JsonRestore()})
         )
-        return restored[STATE_ITEM], restored[META_ITEM]
+        if PARAMS_ITEM not in targets:
+            return restored[STATE_ITEM], restored[META_ITEM]
+        parts = {PARAMS_ITEM: restored[PARAMS_ITEM], **restored.get(STATE_ITEM, {})}
+        return {key: parts[key] for key in abstract}, restored[META_ITEM]
+
+    def restore_params(self, step: int | None = None, target: Any = None) -> Any:
+        """Only the parameters of ``step`` (default: the latest), without the optimizer state.
+
+        ``target`` (shapes and dtypes, e.g. ``jax.eval_shape`` of the model's init) is checked
+        against what was saved; without it the saved tree is returned as nested dicts.
+        Checkpoints from before ``params`` was an item are read from ``state``'s params.
+        """
+        step = self._require(step)
+        old_layout = not (self._step_dir(step) / PARAMS_ITEM).is_dir()
+        saved = self._item_tree(step, STATE_ITEM if old_layout else PARAMS_ITEM)
+        if old_layout:
+            saved = saved[PARAMS_ITEM]
+        if target is None:
+            abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), saved)
+        else:
+            abstract = jax.tree_util.tree_map_with_path(_abstract_leaf, target)
+            _check_same(_flat_shapes(saved), _flat_shapes(abstract), self._step_dir(step))
+        if not old_layout:
+            restored = self._manager.restore(
+                step, args=ocp.args.Composite(**{PARAMS_ITEM: ocp.args.StandardRestore(abstract)})
+            )
+            return restored[PARAMS_ITEM]
+        with ocp.PyTreeCheckpointer() as reader:
+            restored = reader.restore(
+                self._step_dir(step) / STATE_ITEM,
+                args=ocp.args.PyTreeRestore(
+                    item={PARAMS_ITEM: abstract},
+                    restore_args=jax.tree.map(
+                        lambda _: ocp.RestoreArgs(restore_type=np.ndarray), {PARAMS_ITEM: abstract}
+                    ),
+                    partial_restore=True,
+                ),
+            )
+        return restored[PARAMS_ITEM]
 
     def restore_meta(self, step: int) -> dict[str, Any]:
         """Only the ``meta`` dict of ``step`` (e.g. to learn the state's structure first)."""
-        if step not in self._manager.all_steps():
-            raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory}")
+        step = self._require(step)
         restored = self._manager.restore(
             step, args=ocp.args.Composite(**{META_ITEM: ocp.args.JsonRestore()})
         )
         return restored[META_ITEM]
 
-    def _check_matches(self, step: int, abstract: Any) -> None:
-        """Raise naming the key when the saved state differs from ``abstract``.
+    def restore_newest(
+        self, target_for: Callable[[dict[str, Any]], Any]
+    ) -> tuple[int, Any, dict[str, Any]] | None:
+        """``(step, state, meta)`` of the newest step that restores, or None without steps.
+
+        ``target_for(meta)`` gives the target of a step from its meta. Steps newer than the one
+        restored that failed are moved to ``checkpoints/corrupt/<step>``, each named in one line
+        on stderr (process 0). A :class:`CheckpointMismatch` is not damage and is raised.
+
+        Raises:
+          NoIntactCheckpoint: there are steps but none restores (nothing is moved).
+        """
+        failures = []
+        for step in reversed(self.all_steps()):
+            try:
+                meta = self.restore_meta(step)
+                state, meta = self.restore(step, target=target_for(meta))
+            except CheckpointMismatch:
+                raise
+            except Exception as error:  # any damage: truncated, missing or garbled files
+                _silence_closed_loop_echoes()
+                failures.append((step, _first_line(error)))
+                if jax.process_index() == 0:
+                    print(
+                        f"warning: checkpoint {self._step_dir(step)} does not restore "
+                        f"({failures[-1][1]}); trying the step before it",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                continue
+            for bad, _ in failures:
+                self._move_aside(bad)
+            return step, state, meta
+        if failures:
+            listed = "; ".join(f"step {step}: {reason}" for step, reason in failures)
+            raise NoIntactCheckpoint(
+                f"no checkpoint in {self.directory} restores ({listed}); nothing was moved or "
+                "deleted: repair them or start in a new workdir"
+            )
+        return None
+
+    def _move_aside(self, step: int) -> None:
+        """Rename a damaged step into ``CORRUPT_SUBDIR`` (process 0), keeping any earlier one."""
+        if jax.process_index() == 0:
+            corrupt = self.directory / CORRUPT_SUBDIR
+            corrupt.mkdir(exist_ok=True)
+            name, copy = str(step), 1
+            while (corrupt / name).exists():
+                copy += 1
+                name = f"{step}-{copy}"
+            os.rename(self._step_dir(step), corrupt / name)
+            print(
+                f"warning: moved the damaged checkpoint of step {step} to {corrupt / name}",
+                file=sys.stderr,
+                flush=True,
+            )
+        # Orbax caches the steps it found; make it forget this one.
+        self._manager.reload()
+
+    def _item_tree(self, step: int, item: str) -> Any:
+        """The saved tree of array metadata of ``item`` (raises when it is unreadable)."""
+        metadata = self._manager.item_metadata(step)[item]
+        if metadata is None:
+            raise FileNotFoundError(f"{self._step_dir(step) / item}: no readable metadata")
+        return metadata.tree
+
+    def _check_matches(self, step: int, item: str, abstract: Any) -> None:
+        """Raise naming the key when the saved ``item`` differs from ``abstract``.
 
         Orbax would silently cast dtypes and pad or truncate shapes.
         """
-        saved = _flat_shapes(self._manager.item_metadata(step)[STATE_ITEM].tree)
-        wanted = _flat_shapes(abstract)
-        where = f"checkpoint {self.directory / str(step)}"
-        missing, extra = sorted(wanted.keys() - saved.keys()), sorted(saved.keys() - wanted.keys())
-        if missing or extra:
-            raise ValueError(
-                f"{where}: state keys differ from the target; "
-                f"missing in checkpoint: {['.'.join(k) for k in missing]}, "
-                f"not in target: {['.'.join(k) for k in extra]}"
-            )
-        for path, (shape, dtype) in wanted.items():
-            if saved[path] != (shape, dtype):
-                raise ValueError(
-                    f"{where}: state.{'.'.join(path)} is saved as {saved[path][1]}{list(saved[path][0])}"
-                    f" but the target is {dtype}{list(shape)}"
-                )
+        saved = _flat_shapes(self._item_tree(step, item))
+        prefix = (PARAMS_ITEM,) if item == PARAMS_ITEM else ()
+        _check_same(
+            {prefix + k: v for k, v in saved.items()},
+            {prefix + k: v for k, v in _flat_shapes(abstract).items()},
+            self._step_dir(step),
+        )
 
     def wait_until_finished(self) -> None:
         """Block until an async save is complete on disk (no-op for synchronous saves)."""
@@ -338,5 +500,55 @@ class Checkpointer:
     def _purge_deleted(self) -> None:
         """Remove steps Orbax moved to ``DELETED_SUBDIR`` (process 0 only, like Orbax's deletes)."""
         deleted = self.directory / DELETED_SUBDIR
-        if jax.process_index() == 0 and deleted.exists():
+        if not self.read_only and jax.process_index() == 0 and deleted.exists():
             shutil.rmtree(deleted)
+
+
+@contextlib.contextmanager
+def _absl_quiet():
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        absl.setLevel(level)
+
+
+def _silence_closed_loop_echoes() -> None:
+    """Drop the "Event loop is closed" echoes of a failed restore (once per process).
+
+    After one read fails, Orbax closes its event loop while tensorstore still completes the
+    other reads; each completion then reports ``RuntimeError: Event loop is closed`` as an
+    unraisable exception, a traceback per array that buries the one line naming the damage.
+    Other unraisable exceptions still reach the previous hook.
+    """
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_closed_loop_echoes", False):
+        return
+
+    def hook(unraisable):
+        value = unraisable.exc_value
+        if not (isinstance(value, RuntimeError) and str(value) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook.drops_closed_loop_echoes = True
+    sys.unraisablehook = hook
+
+
+def _check_same(saved: dict, wanted: dict, step_dir: Path) -> None:
+    """Raise :class:`CheckpointMismatch` naming the first key whose shape or dtype differs."""
+    where = f"checkpoint {step_dir}"
+    missing, extra = sorted(wanted.keys() - saved.keys()), sorted(saved.keys() - wanted.keys())
+    if missing or extra:
+        raise CheckpointMismatch(
+            f"{where}: state keys differ from the target; "
+            f"missing in checkpoint: {['.'.join(k) for k in missing]}, "
+            f"not in target: {['.'.join(k) for k in extra]}"
+        )
+    for path, (shape, dtype) in wanted.items():
+        if saved[path] != (shape, dtype):
+            raise CheckpointMismatch(
+                f"{where}: state.{'.'.join(path)} is saved as {saved[path][1]}{list(saved[path][0])}"
+                f" but the target is {dtype}{list(shape)}"
+            )
