@@ -29,9 +29,15 @@ from research.models.build import build_generator
 from research.models.generator import Generator, init_generator
 from research.sampling import SamplingConfig, generate, generate_for_split
 from research.train.checkpoint import Checkpointer
-from research.train.optim import learning_rate_schedule, make_optimizer
-from research.train.run_log import write_json
-from research.train.steps import init_state, make_eval_step, shard
+from research.train.run_log import (
+    config_changes,
+    config_json,
+    current_config,
+    read_run_record,
+    record_invocation,
+    write_json,
+)
+from research.train.steps import make_eval_step, shard
 
 
 @dataclasses.dataclass
@@ -44,41 +50,43 @@ class LoadedRun:
 
 
 def run_config(workdir: str | Path, overrides: Iterable[tuple[str, str]] = ()):
-    """The resolved config saved in ``workdir/run.json``, with overrides applied."""
-    path = Path(workdir) / "run.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: is {workdir} a training workdir?")
-    cfg = from_json_dict(json.loads(path.read_text())["config"])
+    """The run's config from ``workdir/run.json`` (with later trainings' changes), overridden."""
+    record = read_run_record(workdir)
+    if record is None:
+        raise FileNotFoundError(
+            f"{Path(workdir) / 'run.json'} not found: is {workdir} a training workdir?"
+        )
+    cfg = from_json_dict(current_config(record))
     for key, value in overrides:
         apply_override(cfg, key, value)
     validate(cfg)
     return cfg
 
 
-def restore_params(cfg, workdir: str | Path, model: Generator, which: str = "best"):
-    """Parameters of the best (lowest validation loss) or latest checkpoint -> (params, step)."""
-    checkpoints = Checkpointer(workdir, keep_last=cfg.train.keep_checkpoints)
-    step = checkpoints.best_step() if which == "best" else None
-    step = step if step is not None else checkpoints.latest_step()
-    if step is None:
-        raise FileNotFoundError(f"no checkpoint in {checkpoints.directory}; train first")
-    stage = checkpoints.restore_meta(step)["progress"]["stage"]
-    trainable = cfg.train.stage1_trainable if stage == 1 else cfg.train.trainable
-    params = jax.eval_shape(lambda: init_generator(model, jax.random.key(0)))
-    schedule = learning_rate_schedule(1.0, 1, 0, "constant")
-    tx = make_optimizer(params, tuple(trainable), schedule, clip_norm=cfg.train.clip_norm or None)
-    target = jax.eval_shape(lambda p: init_state(p, tx), params)
-    state, _ = checkpoints.restore(step, target=target)
-    checkpoints.close()
-    return state["params"], step
+def restore_params(workdir: str | Path, model: Generator, which: str = "best"):
+    """Parameters of the best (lowest validation loss) or latest checkpoint -> (params, step).
+
+    Opens the checkpoints read-only (safe while a trainer saves) and reads only the
+    parameters, so neither the optimizer nor its settings matter.
+    """
+    with Checkpointer(workdir, read_only=True) as checkpoints:
+        step = checkpoints.best_step() if which == "best" else None
+        step = step if step is not None else checkpoints.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {checkpoints.directory}; train first")
+        target = jax.eval_shape(lambda: init_generator(model, jax.random.key(0)))
+        return checkpoints.restore_params(step, target), step
 
 
 def load_run(workdir: str | Path, overrides=(), which: str | None = None) -> LoadedRun:
     cfg = run_config(workdir, overrides)
     compilation_cache.enable(cfg.cache.compilation_dir)
+    if overrides:  # appended to run.json's invocations; the training config stays as it was
+        changed = config_changes(current_config(read_run_record(workdir)), config_json(cfg))
+        record_invocation(Path(workdir), cfg, "evaluate", changed)
     dataset = load_dataset_logged(cfg.data)
     model, _ = build_generator(cfg, dataset.num_users, dataset.num_items)
-    params, step = restore_params(cfg, workdir, model, which or cfg.eval.checkpoint)
+    params, step = restore_params(workdir, model, which or cfg.eval.checkpoint)
     return LoadedRun(cfg, dataset, model, params, step)
 
 

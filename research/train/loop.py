@@ -36,7 +36,15 @@ from research.progress import compile_log, progress_bar
 from research.train import distributed
 from research.train.checkpoint import Checkpointer
 from research.train.optim import learning_rate_schedule, make_optimizer, trainable_labels
-from research.train.run_log import MetricsLog, read_metrics, run_record, write_json
+from research.train.run_log import (
+    MetricsLog,
+    RunConfigChanged,
+    check_resumable,
+    read_metrics,
+    record_invocation,
+    structural_hash,
+    write_json,
+)
 from research.train.steps import (
     init_state,
     make_eval_step,
@@ -45,6 +53,7 @@ from research.train.steps import (
     shard,
     to_devices,
 )
+from research.train.workdir_lock import trainer_lock
 
 
 class TrainingDiverged(RuntimeError):
@@ -183,14 +192,32 @@ def _truncate_metrics(workdir: Path, step: int) -> None:
 
 
 def train(cfg: ml_collections.ConfigDict, workdir: str | Path, command: list[str] | None = None):
-    """Train (or resume) the run of ``cfg`` in ``workdir``; returns a summary dict."""
+    """Train (or resume) the run of ``cfg`` in ``workdir``; returns a summary dict.
+
+    One trainer per workdir (``WorkdirBusy`` otherwise). Before anything is written, a resume
+    is checked against ``run.json`` (``RunConfigChanged``), and a finished run is left as it is.
+    """
     distributed.initialize(cfg.distributed)
     compilation_cache.enable(cfg.cache.compilation_dir)
     workdir = Path(workdir)
     primary = distributed.is_primary()
     if primary:
         workdir.mkdir(parents=True, exist_ok=True)
-        write_json(workdir / "run.json", run_record(cfg, command))
+    with trainer_lock(workdir) if primary else contextlib.nullcontext():
+        changed = check_resumable(workdir, cfg)
+        with Checkpointer(workdir, read_only=True) as existing:
+            done = existing.latest_step()
+        if done is not None and done >= cfg.train.steps:
+            if primary:
+                print(f"{workdir} is already complete at step {done}; nothing changed.")
+            return {"step": done, "already_complete": True}
+        if primary:
+            record_invocation(workdir, cfg, "train", changed, command)
+        return _start(cfg, workdir)
+
+
+def _start(cfg: ml_collections.ConfigDict, workdir: Path):
+    primary = distributed.is_primary()
     dataset = load_dataset_logged(cfg.data, workdir if primary else None, verbose=primary)
     trainer = Trainer(cfg, workdir, dataset)
     if primary:
@@ -202,21 +229,27 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, command: list[str
     data = dataset.train_iterator(
         cfg.train.batch_size, cfg.seed, jax.process_index(), trainer.processes
     )
-    start = checkpoints.latest_step()
-    if start is not None:
-        # The optimizer state's structure depends on the stage, so read it first.
-        saved = checkpoints.restore_meta(start)["progress"]
-        progress.stage, progress.stage2_start = saved["stage"], saved.get("stage2_start", 0)
-    tx = trainer.optimizer(progress.stage, progress.stage2_start)
-    state = init_state(trainer.initial_params, tx)
-    if start is not None:
-        state, meta = checkpoints.restore(start, target=state)
+
+    def target_for(meta):
+        # The optimizer state's structure depends on the stage, saved in meta.
+        saved = meta["progress"]
+        tx = trainer.optimizer(saved["stage"], saved.get("stage2_start", 0))
+        return jax.eval_shape(lambda p: init_state(p, tx), trainer.initial_params)
+
+    resumed = checkpoints.restore_newest(target_for)
+    start = None
+    if resumed is None:
+        state = init_state(trainer.initial_params, trainer.optimizer(progress.stage))
+        if primary:
+            print(parameter_summary(trainer.initial_params, _trainable(cfg, progress.stage)))
+    else:
+        start, state, meta = resumed
+        _check_config_hash(cfg, meta, checkpoints.directory / str(start))
         progress = Progress(**meta["progress"])
         data.restore(progress.data)
         if primary:
             print(f"Resuming {workdir} from step {start} (stage {progress.stage}).")
-    elif primary:
-        print(parameter_summary(trainer.initial_params, _trainable(cfg, progress.stage)))
+    tx = trainer.optimizer(progress.stage, progress.stage2_start)
     if primary:
         # Also without a checkpoint: a run killed before its first save logged steps it redoes.
         _truncate_metrics(workdir, start or 0)
@@ -276,6 +309,15 @@ class _StepMetrics:
         return rate
 
 
+def _check_config_hash(cfg, meta: dict, where: Path) -> None:
+    saved = meta.get("config_hash")  # absent in checkpoints written before it was saved
+    if saved is not None and saved != structural_hash(cfg):
+        raise RunConfigChanged(
+            f"checkpoint {where} was written under another config (structural hash "
+            f"{saved[:12]}, this config's {structural_hash(cfg)[:12]}); use a new --workdir"
+        )
+
+
 def _run(cfg, workdir, trainer, checkpoints, progress, data, tx, state, step):
     primary = distributed.is_primary()
     log = MetricsLog(workdir, primary, cfg.train.tensorboard)
@@ -294,6 +336,8 @@ def _run(cfg, workdir, trainer, checkpoints, progress, data, tx, state, step):
         sharded = shard(batch, trainer.devices, cfg.train.accum_steps)
         return to_devices(sharded, trainer.devices), data.state()
 
+    config_hash = structural_hash(cfg)
+
     def save(force: bool, val_loss: float | None = None) -> None:
         # The state comes to the host only for a checkpoint that is written.
         if step in checkpoints.all_steps() or not (force or checkpoints.should_save(step)):
@@ -302,7 +346,11 @@ def _run(cfg, workdir, trainer, checkpoints, progress, data, tx, state, step):
         checkpoints.save(
             step,
             _host(state),
-            {"progress": dataclasses.asdict(progress), "seed": cfg.seed},
+            {
+                "progress": dataclasses.asdict(progress),
+                "seed": cfg.seed,
+                "config_hash": config_hash,
+            },
             val_loss=val_loss,
             force=True,  # decided above
         )
