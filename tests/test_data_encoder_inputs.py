@@ -18,6 +18,7 @@ from research.data.encoder_inputs import (
     HISTORY_SEPARATOR,
     ITEM_LABEL,
     USER_LABEL,
+    clean_text,
     encoder_rows,
     training_histories,
 )
@@ -124,6 +125,52 @@ def test_history_inputs_never_contain_the_target_review(corpus, max_tokens):
             assert len(ids) <= max_tokens
             if mode != "user_item_history" or (max_tokens - 3) % 2 == 0:
                 assert ids == reference_ids(records, train, position, mode, max_tokens)
+
+
+def test_clean_encoder_text_strips_punctuation_and_collapses_whitespace():
+    assert clean_text("  Great, warm tone!!  Loud\n&  clear... (5/5) ") == (
+        "Great warm tone Loud clear 55"
+    )
+    assert clean_text("naïve café_ok") == "naïve café_ok"  # \w is Unicode, and keeps "_"
+    records = [
+        Review("u1", "i1", 5.0, "Loud, clear!  Warm."),
+        Review("u1", "i2", 4.0, "Fine -- really?"),
+        Review("u2", "i1", 3.0, "OK; not   more."),
+    ]
+    cleaned = [Review(r.user, r.item, r.rating, clean_text(r.text)) for r in records]
+    positions, targets = [0, 1, 2], [""] * 3
+    for mode in ("user_history", "item_history", "user_item_history"):
+        ours = encoder_rows(
+            mode,
+            records,
+            positions,
+            targets,
+            training_histories(records, positions),
+            bert(),
+            32,
+            clean=True,
+        )
+        reference = encoder_rows(
+            mode, cleaned, positions, targets, training_histories(cleaned, positions), bert(), 32
+        )
+        assert ours == reference, mode
+        raw = encoder_rows(
+            mode, records, positions, targets, training_histories(records, positions), bert(), 32
+        )
+        assert ours != raw, mode
+
+
+def test_clean_encoder_text_is_a_data_setting_with_its_own_cache(tmp_path):
+    cfg = data_config()
+    cfg.synthetic.update(num_users=6, num_items=5, num_reviews=30)
+    cfg.cache_dir = str(tmp_path)
+    raw = load_dataset(cfg)
+    cfg.clean_encoder_text = True
+    cleaned = load_dataset(cfg)
+    assert len(list(tmp_path.glob("tokens-*.npz"))) == 2
+    text = bert().decode(cleaned.splits["train"].encoder[0].tolist())
+    assert "," not in text.split("[SEP]", 1)[0] and "." not in text
+    assert raw.splits["train"].encoder[0].tolist() != cleaned.splits["train"].encoder[0].tolist()
 
 
 def test_review_and_features_inputs_are_the_tokenizer_on_the_text():

@@ -71,6 +71,9 @@ def data_config() -> ml_collections.ConfigDict:
     # What the encoder reads; histories use only training reviews, newest first.
     cfg.encoder_input = "user_item_history"
     cfg.max_encoder_tokens = 128
+    # Strip punctuation and collapse whitespace in every text the encoder reads, as PEPLER's
+    # published preprocessing does (research/data/encoder_inputs.py). Off: the raw text.
+    cfg.clean_encoder_text = False
     # Padded lengths (tokens incl. BOS/EOS resp. [CLS]/[SEP]). A batch gets the smallest bucket
     # that fits its longest row. Buckets above the largest possible length
     # (max_target_tokens + 2, resp. max_encoder_tokens) are replaced by that length, so the

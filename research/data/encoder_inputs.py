@@ -1,4 +1,4 @@
-"""What the encoder reads (``data.encoder_input``), built without leaking the target.
+r"""What the encoder reads (``data.encoder_input``), built without leaking the target.
 
 * ``review``: the target text itself (the paraphrase setting: an upper bound, not a task).
 * ``features``: the record's own aspect words joined with ", " (just [CLS] [SEP] without any).
@@ -15,12 +15,18 @@ side keeps at most half unless the other side is shorter (the tokenizer's ``long
 except that an odd token goes to the user side rather than to the longer side, which would
 need the full, untruncated lengths).
 
+With ``clean`` (``data.clean_encoder_text``), every text the encoder reads first loses its
+punctuation and has its whitespace collapsed, as the published PEPLER pipeline does
+(``re.sub(r"[^\w\s]", "", text)``, then single spaces); the "user:"/"item:" labels and the
+separators stay.
+
 History token ids are concatenated from per-review token ids instead of tokenizing each joined
 text: the same ids (WordPiece splits on whitespace first), but every review is tokenized once.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -32,6 +38,15 @@ HISTORY_SEPARATOR = " [SEP] "
 FEATURE_SEPARATOR = ", "
 USER_LABEL = "user:"
 ITEM_LABEL = "item:"
+
+
+_PUNCTUATION = re.compile(r"[^\w\s]")
+_WHITESPACE = re.compile(r"\s+")
+
+
+def clean_text(text: str) -> str:
+    """Punctuation removed, whitespace runs collapsed to one space, stripped."""
+    return _WHITESPACE.sub(" ", _PUNCTUATION.sub("", text)).strip()
 
 
 @dataclass(frozen=True)
@@ -96,18 +111,21 @@ def encoder_rows(
     histories: Histories,
     tokenizer: PreTrainedTokenizerBase,
     max_tokens: int,
+    clean: bool = False,
 ) -> list[list[int]] | None:
     """Encoder token ids ([CLS] ... [SEP], at most ``max_tokens``) for ``records[positions]``.
 
     ``target_texts`` line up with ``positions`` (used by ``review``); None for mode ``none``.
+    ``clean``: see the module docstring.
     """
     if mode == "none":
         return None
+    prepare = clean_text if clean else (lambda text: text)
     if mode in ("review", "features"):
         texts = (
-            target_texts
+            [prepare(t) for t in target_texts]
             if mode == "review"
-            else [FEATURE_SEPARATOR.join(records[p].features) for p in positions]
+            else [FEATURE_SEPARATOR.join(map(prepare, records[p].features)) for p in positions]
         )
         return tokenizer(texts, truncation=True, max_length=max_tokens)["input_ids"]
     cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
@@ -117,7 +135,7 @@ def encoder_rows(
     pieces = {}
     if train:  # the tokenizer refuses an empty batch
         piece_ids = tokenizer(
-            [records[p].text for p in train],
+            [prepare(records[p].text) for p in train],
             add_special_tokens=False,
             truncation=True,
             max_length=budget,

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -193,6 +194,7 @@ def _tokenize(cfg, records, positions, targets, decoder_tok, encoder_tok) -> dic
         histories,
         encoder_tok,
         cfg.max_encoder_tokens,
+        clean=cfg.clean_encoder_text,
     )
     arrays, start = {}, 0
     for split in SPLITS:
@@ -341,10 +343,11 @@ def load_dataset(
 def load_dataset_logged(
     data_cfg: ml_collections.ConfigDict, workdir: str | Path | None = None, verbose: bool = True
 ) -> Dataset:
-    """:func:`load_dataset`, announced with a line before and a line of counts and time after."""
+    """:func:`load_dataset`, announced on stderr (stdout may be a generated review) with a
+    line before and a line of counts and time after."""
     where = f" from {data_cfg.path}" if data_cfg.path else ""
     if verbose:
-        print(f"loading data: {data_cfg.source}{where} ...", flush=True)
+        print(f"loading data: {data_cfg.source}{where} ...", file=sys.stderr, flush=True)
     started = time.perf_counter()
     dataset = load_dataset(data_cfg, workdir)
     if verbose:
@@ -355,6 +358,7 @@ def load_dataset_logged(
             f"loaded data in {time.perf_counter() - started:.1f} s: {splits} reviews, "
             f"{report['num_users']:,} users, {report['num_items']:,} items, "
             f"{skipped:,} bad rows skipped",
+            file=sys.stderr,
             flush=True,
         )
     return dataset
