@@ -2,7 +2,7 @@
 
   research train    --config experiments/configs/NAME.py --workdir DIR [--config.x=y ...]
   research generate --workdir DIR --split test --out FILE.jsonl [--config.sampling.x=y ...]
-  research generate --workdir DIR --text "conditioning text"
+  research generate --workdir DIR --text "conditioning text"   (or --user U --item I)
   research evaluate --workdir DIR --split test [--config.x=y ...]
   research ablate   --config experiments/configs/ablation_NAME.py --workdir DIR
                     [--seeds 0,1,2] [--axis model.conditioning=none,prefix] [--dry-run]
@@ -51,9 +51,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", required=True)
     p.add_argument("--split", default="test")
     p.add_argument("--out", help="JSON lines output file (one object per input)")
-    p.add_argument("--text", help="generate for this one conditioning text instead of a split")
-    p.add_argument("--user", default="", help="with --text: the user id (id_prompt)")
-    p.add_argument("--item", default="", help="with --text: the item id (id_prompt)")
+    p.add_argument(
+        "--text",
+        help="generate for this one encoder text instead of a split (its trained "
+        "format is printed first)",
+    )
+    p.add_argument(
+        "--user",
+        default="",
+        help="a user id: without --text, the input is built from the "
+        "run's training histories of --user and --item; with it, the id for id methods",
+    )
+    p.add_argument("--item", default="", help="an item id (see --user)")
 
     p = sub.add_parser("evaluate", help="generate a split and compute the field's metrics")
     p.add_argument("--workdir", required=True)

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from research import cli
-from research.config import ConfigError
-from research.eval.ablate import command_grid, run_ablation
+from research.config import ConfigError, load_config_file
+from research.eval.ablate import command_grid, grid_runs, run_ablation
 from research.eval.evaluate import evaluate_run
 from research.eval.tables import results_markdown
 
@@ -80,11 +80,25 @@ def test_rerun_skips_finished_cells(ablation: Path, capsys):
     assert (ablation / "none" / "seed0" / "metrics.jsonl").read_text() == before
 
 
-def test_same_config_and_seed_give_identical_metrics(ablation: Path):
+def test_same_config_and_seed_give_identical_metrics_and_reach_tensorboard(ablation: Path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     rundir = ablation / "id_prompt" / "seed0"
     first = (rundir / "eval" / "test" / "metrics.json").read_text()
-    evaluate_run(rundir, "test")
+    evaluate_run(rundir, "test", [("train.tensorboard", "true")])
     assert (rundir / "eval" / "test" / "metrics.json").read_text() == first
+    metrics = json.loads(first)
+    events = EventAccumulator(str(rundir / "tensorboard"), size_guidance={"tensors": 0})
+    events.Reload()
+    (bleu1,) = events.Scalars("eval/test/bleu1")
+    assert bleu1.step == metrics["checkpoint_step"]
+    assert bleu1.value == pytest.approx(metrics["bleu1"], rel=1e-6)
+    (text,) = events.Tensors("eval/test/samples/text_summary")
+    table = text.tensor_proto.string_val[0].decode()
+    first_sample = json.loads(
+        (rundir / "eval" / "test" / "samples.jsonl").read_text().split("\n")[0]
+    )
+    assert first_sample["generated"].replace("|", "/") in table
 
 
 def test_dry_run_lists_the_plan_and_runs_nothing(ablation: Path, capsys):
@@ -102,6 +116,14 @@ def test_grid_from_the_command_line():
         "axes": {"model.conditioning": ["none", "prefix"], "train.steps": ["2", "3"]},
         "seeds": [3, 4],
     }
+    cleaning = command_grid(CONFIG, "0", ["data.clean_encoder_text=false,true"])
+    runs = grid_runs(load_config_file(CONFIG), cleaning)
+    assert [(cell, cfg.data.clean_encoder_text) for cell, _, cfg in runs] == [
+        ("none__false", False),
+        ("none__true", True),
+        ("id_prompt__false", False),
+        ("id_prompt__true", True),
+    ]
     with pytest.raises(ConfigError, match="--axis"):
         command_grid(CONFIG, None, ["model.conditioning"])
     with pytest.raises(ConfigError, match="--seeds"):
@@ -150,3 +172,34 @@ def test_notebook_executes_on_the_ablation(ablation: Path, monkeypatch):
     )
     assert "8 runs" not in printed and "4 runs under" in printed
     assert "id_prompt" in printed and "reference:" in printed
+
+
+def test_generate_from_user_and_item_and_the_unknown_id_error(ablation: Path, capsys):
+    from research.eval.evaluate import load_run
+    from research.eval.single import encoder_input_for
+
+    rundir = ablation / "id_prompt" / "seed0"
+    run = load_run(rundir)
+    test = run.dataset.splits["test"]
+    record = test.records[0]
+    # Built from the training histories exactly as the data pipeline built the test example.
+    assert encoder_input_for(run, record.user, record.item) == test.encoder[0].tolist()
+
+    argv = ["generate", "--workdir", str(rundir), "--item", record.item]
+    assert cli.main([*argv, "--user", record.user]) == 0
+    out, err = capsys.readouterr()
+    assert "data.encoder_input='user_item_history'" in err and "[CLS] user: <" in err
+    assert out.count("\n") == 1  # the review (empty if EOS came first)
+    assert cli.main([*argv, "--user", "nobody"]) == 2
+    err = capsys.readouterr().err
+    assert "--user 'nobody' is not a user of the run's training data" in err
+    assert "reads user ids" in err
+
+
+def test_generate_text_warns_for_unseen_ids_when_the_method_reads_no_ids(ablation: Path, capsys):
+    rundir = ablation / "none" / "seed0"
+    argv = ["generate", "--workdir", str(rundir), "--text", "great strings", "--user", "nobody"]
+    assert cli.main(argv) == 0
+    out, err = capsys.readouterr()
+    assert "warning: --user 'nobody' has no training reviews" in err
+    assert "trained input (data.encoder_input=" in err and out.count("\n") == 1

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from rouge_score import rouge_scorer
 from sacrebleu.metrics import BLEU
 
-from research.eval.metrics import text_metrics
+from research.eval.metrics import output_shape_metrics, text_metrics
 from research.eval.pepler_compat import (
     feature_metrics,
     nmt_corpus_bleu,
@@ -342,6 +342,22 @@ def test_library_keys_equal_direct_library_calls():
         assert metrics[f"google_{rouge_type}_f"] == pytest.approx(
             100 * sum(f_scores) / len(f_scores), abs=TOLERANCE
         )
+
+
+def test_output_length_and_stutter_share():
+    predictions = ["i was a a a book", "good food", "a b a b"]
+    assert output_shape_metrics(predictions) == {
+        "mean_length": 4.0,  # (6 + 2 + 4) / 3 tokens
+        "repeat3_share": pytest.approx(1 / 3),  # only "a a a" repeats a token 3 times in a row
+    }
+
+
+def test_bleu1_rewards_stuttering_up_to_the_reference_length():
+    """Why evaluation reports length and stutters: below the reference's length every extra
+    "a" shrinks the brevity penalty more than it costs in clipped unigram precision."""
+    reference = ["i was reading a good book"]
+    bleu1 = [text_metrics(reference, [f"i was {'a ' * n}book"])["bleu1"] for n in (1, 2, 3)]
+    assert bleu1[0] < bleu1[1] < bleu1[2]
 
 
 def test_keys():

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -22,12 +23,12 @@ from flax import jax_utils
 
 from research import compilation_cache
 from research.config import apply_override, from_json_dict, validate
-from research.data import tokenizers
 from research.data.pipeline import Dataset, load_dataset_logged
-from research.eval.metrics import text_metrics
+from research.eval.metrics import output_shape_metrics, text_metrics
+from research.eval.tables import TABLE_METRICS
 from research.models.build import build_generator
 from research.models.generator import Generator, init_generator
-from research.sampling import SamplingConfig, generate, generate_for_split
+from research.sampling import SamplingConfig, generate_for_split
 from research.train.checkpoint import Checkpointer
 from research.train.run_log import (
     config_changes,
@@ -156,6 +157,7 @@ def evaluate_run(workdir: str | Path, split: str = "test", overrides=()) -> dict
         features=[r["features"] for r in rows] if has_features else None,
         feature_vocab=sorted(train_features) if has_features else None,
     )
+    metrics.update(output_shape_metrics([r["generated"] for r in rows]))
     metrics["perplexity"] = split_perplexity(run, split, max_examples)
     metrics["num_examples"] = len(rows)
     metrics["checkpoint_step"] = run.step
@@ -163,50 +165,47 @@ def evaluate_run(workdir: str | Path, split: str = "test", overrides=()) -> dict
     out.mkdir(parents=True, exist_ok=True)
     write_jsonl(out / "samples.jsonl", rows)
     write_json(out / "metrics.json", metrics)
+    if run.cfg.train.tensorboard:
+        write_tensorboard(Path(workdir), split, metrics, rows, run.step)
     print(format_metrics(metrics))
     print(f"Wrote {out / 'metrics.json'} and {out / 'samples.jsonl'}")
     return metrics
 
 
-MAIN_METRICS = ("bleu1", "bleu4", "rouge_1_f_score", "rouge_2_f_score", "rouge_l_f_score", "usr")
+def write_tensorboard(workdir: Path, split: str, metrics, rows, step: int, samples: int = 5):
+    """The metrics as scalars ``eval/<split>/<metric>`` and a few samples as a text table, at
+    the evaluated checkpoint's step, beside the training curves in ``workdir/tensorboard``."""
+    from tensorboardX import SummaryWriter
+
+    with SummaryWriter(str(workdir / "tensorboard")) as writer:
+        for key, value in metrics.items():
+            writer.add_scalar(f"eval/{split}/{key}", float(value), step)
+        lines = ["| user | item | reference | generated |", "|---|---|---|---|"]
+        for row in rows[:samples]:
+            cells = (row["user"], row["item"], row["reference"], row["generated"])
+            lines.append("| " + " | ".join(str(c).replace("|", "/") for c in cells) + " |")
+        writer.add_text(f"eval/{split}/samples", "\n".join(lines), step)
 
 
 def format_metrics(metrics: dict[str, float]) -> str:
-    keys = [k for k in (*MAIN_METRICS, "fmr", "fcr", "div", "perplexity") if k in metrics]
+    keys = [k for k in TABLE_METRICS if k in metrics]
     return "  ".join(f"{k}={metrics[k]:.3f}" for k in keys)
 
 
 def generate_command(args, overrides) -> int:
-    """``research generate``: a split to JSON lines, or one conditioning text to stdout."""
+    """``research generate``: a split to JSON lines, or one input (text or user+item) to stdout."""
+    from research.eval.single import generate_one, input_format
+
     run = load_run(args.workdir, overrides)
-    if args.text is None:
+    if args.text is None and not (args.user or args.item):
         if not args.out:
-            raise FileNotFoundError("research generate needs --out FILE.jsonl (or --text TEXT)")
+            raise FileNotFoundError(
+                "research generate needs --out FILE.jsonl, --text TEXT, or --user U --item I"
+            )
         rows = generate_split(run, args.split, run.cfg.eval.max_examples)
         write_jsonl(Path(args.out), rows)
         print(f"Wrote {len(rows)} generated reviews to {args.out}")
         return 0
-    print(generate_from_text(run, args.text, args.user, args.item))
+    print(input_format(run), file=sys.stderr)
+    print(generate_one(run, args.text, args.user, args.item))
     return 0
-
-
-def generate_from_text(run: LoadedRun, text: str, user: str = "", item: str = "") -> str:
-    """The review the model writes for one conditioning text (and optional user/item ids)."""
-    batch = {
-        "example": np.zeros((1,), np.int32),
-        "user": np.array([run.dataset.user_index.get(user, 0)], np.int32),
-        "item": np.array([run.dataset.item_index.get(item, 0)], np.int32),
-    }
-    if run.model.spec.uses_encoder:
-        tok = tokenizers.encoder_tokenizer(run.cfg.data.encoder_tokenizer or None)
-        enc = tok(
-            text, truncation=True, max_length=run.cfg.data.max_encoder_tokens, return_tensors="np"
-        )
-        batch["encoder_ids"] = enc["input_ids"].astype(np.int32)
-        batch["encoder_mask"] = enc["attention_mask"].astype(np.int32)
-    sampling = SamplingConfig.from_config(run.cfg.sampling)
-    tokens = generate(run.model, run.params, batch, dataclasses.replace(sampling, batch_size=1))
-    eos = run.model.spec.decoder.eos_token_id
-    row = tokens[0].tolist()
-    row = row[: row.index(eos)] if eos in row else row
-    return run.dataset.decoder_tokenizer.decode(row, skip_special_tokens=True).strip()

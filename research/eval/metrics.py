@@ -71,6 +71,25 @@ def library_metrics(references: Sequence[str], predictions: Sequence[str]) -> di
     return metrics
 
 
+def output_shape_metrics(predictions: Sequence[str], run: int = 3) -> dict[str, float]:
+    """How long the outputs are and how many stutter, in the tokens BLEU counts.
+
+    Returns ``mean_length`` (mean tokens per output, ``pepler_tokenize``) and
+    ``repeat3_share`` (the fraction of outputs with a token ``run``+ times in a row, e.g.
+    "a a a"). Degenerate greedy output ("I was a a a a a book.") can raise BLEU-1: each extra
+    token shrinks the brevity penalty while "a" keeps matching the reference's unigrams.
+    """
+    tokens = [pepler_tokenize(text) for text in predictions]
+
+    def stutters(words: list[str]) -> bool:
+        return any(len(set(words[i : i + run])) == 1 for i in range(len(words) - run + 1))
+
+    return {
+        "mean_length": float(np.mean([len(words) for words in tokens])) if tokens else 0.0,
+        "repeat3_share": float(np.mean([stutters(words) for words in tokens])) if tokens else 0.0,
+    }
+
+
 def text_metrics(
     references: Sequence[str],
     predictions: Sequence[str],
