@@ -42,3 +42,22 @@ def test_config_prints_a_runs_config(tmp_path, capsys):
 def test_config_names_a_bad_key(capsys):
     assert cli.main(["config", "--config", TINY, "--config.train.stepz=3"]) == 2
     assert "train.stepz" in capsys.readouterr().err
+
+
+def test_a_file_of_only_bad_rows_stops_train_with_one_line_before_training(tmp_path, capsys):
+    data = tmp_path / "reviews.jsonl"
+    row = {"user": "u", "item": "i", "text": "Good.", "when": "Sun Jul 30 07:44:10 -0700 2017"}
+    data.write_text((json.dumps(row) + "\n") * 3)
+    argv = ["train", "--config", TINY, "--workdir", str(tmp_path / "run")]
+    overrides = [
+        "--config.data.source=jsonl",
+        f"--config.data.path={data}",
+        "--config.data.columns.rating=",
+        "--config.data.columns.timestamp=when",
+        "--config.data.on_bad_row=skip",
+    ]
+    assert cli.main(argv + overrides) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"error: {data}: every row is bad, nothing to train on; 3 rows read")
+    assert "Traceback" not in "\n".join(err)
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -50,6 +50,7 @@ from research.data.config import SPLITS
 from research.data.records import Review
 from research.data.safe_pickle import restricted_load
 from research.data.synthetic import synthetic_reviews
+from research.errors import ExpectedError
 
 BAD_ROW_REASONS = (
     "missing_field",
@@ -65,7 +66,7 @@ _GZIP_MAGIC = b"\x1f\x8b"
 CSV_FEATURE_SEPARATOR = "|"
 
 
-class BadRowError(ValueError):
+class BadRowError(ExpectedError, ValueError):
     """A bad row under ``data.on_bad_row=error``; the message names file, line and field."""
 
 
