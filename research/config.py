@@ -150,6 +150,10 @@ NON_NEGATIVE = (
 )
 
 
+# Dicts whose keys are not fixed: an architecture's own settings, a file's column names.
+FREE_FORM = ("data.columns", "model.decoder", "model.encoder")
+
+
 class ConfigError(ValueError):
     """A config that cannot run; the message names the key."""
 
@@ -192,7 +196,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     """Raise :class:`ConfigError` for the first problem, naming its key."""
     known = _keys(default_config())
     for key in sorted(_keys(cfg) - known):
-        if not key.startswith(("data.columns.", "model.decoder.", "model.encoder.")):
+        if not key.startswith(tuple(f"{k}." for k in FREE_FORM)):
             raise _unknown_key_error(key, known)
     for key, valid in CHOICES.items():
         if get(cfg, key) not in valid:
@@ -318,10 +322,28 @@ def _tokenizers_follow_models(cfg: ml_collections.ConfigDict) -> None:
 
 
 def from_json_dict(raw: dict[str, Any]) -> ml_collections.ConfigDict:
-    """A resolved config saved in a workdir (run.json) back as a validated ConfigDict."""
-    cfg = ml_collections.ConfigDict(_tuples(raw))
+    """A resolved config saved in a workdir (run.json) back as a validated ConfigDict.
+
+    Keys added to the defaults after the run was recorded take their default values (which
+    keep the old behaviour), so older runs still evaluate.
+    """
+    cfg = _with_defaults(default_config().to_dict(), _tuples(raw))
+    cfg = ml_collections.ConfigDict(cfg)
     validate(cfg)
     return cfg
+
+
+def _with_defaults(defaults: dict, saved: dict, prefix: str = "") -> dict[str, Any]:
+    """``saved`` plus the keys only ``defaults`` has; free-form dicts (model.decoder, ...)
+    are taken as saved."""
+    merged = dict(saved)
+    for key, value in defaults.items():
+        name = f"{prefix}{key}"
+        if key not in saved:
+            merged[key] = value
+        elif isinstance(value, dict) and isinstance(saved[key], dict) and name not in FREE_FORM:
+            merged[key] = _with_defaults(value, saved[key], name + ".")
+    return merged
 
 
 def _tuples(value: Any) -> Any:

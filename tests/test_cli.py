@@ -39,6 +39,16 @@ def test_config_prints_a_runs_config(tmp_path, capsys):
     assert "train.learning_rate=0.5" in lines and "seed=7" in lines
 
 
+def test_a_run_recorded_before_newer_keys_gets_their_defaults(tmp_path, capsys):
+    saved = load_config(TINY).to_dict()
+    del saved["eval"]["subset_seed"], saved["sampling"]["repetition_penalty"]
+    (tmp_path / "run.json").write_text(json.dumps({"config": saved}))
+    assert cli.main(["config", "--workdir", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "eval.subset_seed=0" in lines and "sampling.repetition_penalty=1.0" in lines
+    assert "model.decoder.n_embd=32" in lines  # the saved values stay
+
+
 def test_config_names_a_bad_key(capsys):
     assert cli.main(["config", "--config", TINY, "--config.train.stepz=3"]) == 2
     assert "train.stepz" in capsys.readouterr().err
