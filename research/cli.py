@@ -13,11 +13,17 @@
   research demo     [--workdir DIR]
 
 Each command's heavy imports happen inside it, so ``research --help`` answers at once.
+
+Expected errors (a bad config, data file, pickle, model folder or checkpoint) print one line,
+``error: ...`` naming the file, line or key, and exit 2; a diverged run exits 1. ``--debug``
+anywhere on the command line (or ``RESEARCH_DEBUG=1``) shows their traceback instead;
+unexpected errors always show theirs.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 OVERRIDES_HELP = (
@@ -107,25 +113,65 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    from research.config import ConfigError, split_overrides
-    from research.errors import ExpectedError
+BAD_INPUT, DIVERGED = 2, 1  # exit codes of expected errors
 
+
+def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("RESEARCH_DEBUG", "") not in ("", "0")
+    argv = [arg for arg in argv if arg != "--debug"]
     try:
+        from research.config import split_overrides
+
         rest, overrides = split_overrides(argv)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    args = _parser().parse_args(rest)
-    try:
+        args = _parser().parse_args(rest)
+        _check_text(vars(args), overrides)
         return _dispatch(args, overrides, argv) or 0
-    except (ConfigError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except ExpectedError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except Exception as err:
+        code = _exit_code(err)
+        if code is None or debug:
+            raise
+        print("error: " + " ".join(str(err).split()), file=sys.stderr)
+        return code
+
+
+def _exit_code(err: Exception) -> int | None:
+    """The exit code of an expected error (bad input: 2, a diverged run: 1), else None."""
+    import gzip
+    import pickle
+
+    from research.config import ConfigError
+    from research.data.loaders import BadRowError
+    from research.errors import ExpectedError
+    from research.models.hf import CheckpointError
+    from research.train.loop import TrainingDiverged
+
+    if isinstance(err, ExpectedError):  # a busy workdir, a damaged checkpoint, ...
         return err.exit_code
+    if isinstance(err, TrainingDiverged):
+        return DIVERGED
+    bad_input = (ConfigError, FileNotFoundError, BadRowError, CheckpointError)
+    broken_file = (pickle.UnpicklingError, EOFError, gzip.BadGzipFile, UnicodeDecodeError)
+    return BAD_INPUT if isinstance(err, bad_input + broken_file) else None
+
+
+def _check_text(options: dict, overrides: list[tuple[str, str]]) -> None:
+    """Text that is not valid Unicode (argv holds undecodable bytes as lone surrogates) is
+    refused here, naming the option, instead of failing deep inside a tokenizer."""
+    from research.config import ConfigError
+
+    named = [(f"--{k}", v) for k, v in options.items()] + [
+        (f"--config.{k}", v) for k, v in overrides
+    ]
+    for name, value in named:
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as err:
+                raise ConfigError(
+                    f"{name} is not valid UTF-8 text (undecodable byte at character "
+                    f"{err.start}); pass the text UTF-8 encoded"
+                ) from None
 
 
 def _dispatch(args, overrides, argv) -> int | None:

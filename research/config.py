@@ -10,8 +10,10 @@ choices (listing the valid ones) and out-of-range numbers, always naming the key
 from __future__ import annotations
 
 import ast
+import dataclasses
 import difflib
 import importlib.util
+import math
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ import ml_collections
 
 from research.data.config import data_config, validate_data_config
 from research.models import conditioning
+from research.models.build import scratch_family
 from research.models.generator import GROUPS
 from research.sampling import SamplingConfig, sampling_config
 from research.train.optim import SCHEDULES
@@ -192,12 +195,35 @@ def _unknown_key_error(key: str, known: Iterable[str]) -> ConfigError:
     return ConfigError(f"config key {key!r} does not exist{hint}")
 
 
+def _validate_architecture(cfg: ml_collections.ConfigDict, kind: str) -> None:
+    """``model.<kind>`` against its family's config: no unknown keys (with "did you mean"),
+    right types, the family's invariants (e.g. n_embd divisible by n_head)."""
+    scratch = cfg.model[kind]
+    family = scratch_family(scratch, kind)
+    fields = {f.name for f in dataclasses.fields(family.config_cls)} | {"model_type"}
+    for key in sorted(scratch.keys()):
+        if key not in fields:
+            raise _unknown_key_error(f"model.{kind}.{key}", [f"model.{kind}.{f}" for f in fields])
+    values = {k: v for k, v in scratch.to_dict().items() if k != "model_type"}
+    family.config_cls.from_dict(values, source=f"model.{kind}")
+
+
+def _non_finite(cfg: ml_collections.ConfigDict) -> str | None:
+    for key, value in flat_items(cfg):
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"{key}={value!r} must be a finite number"
+    return None
+
+
 def validate(cfg: ml_collections.ConfigDict) -> None:
     """Raise :class:`ConfigError` for the first problem, naming its key."""
     known = _keys(default_config())
     for key in sorted(_keys(cfg) - known):
         if not key.startswith(tuple(f"{k}." for k in FREE_FORM)):
             raise _unknown_key_error(key, known)
+    problem = _non_finite(cfg)
+    if problem:
+        raise ConfigError(problem)
     for key, valid in CHOICES.items():
         if get(cfg, key) not in valid:
             shown = list(valid) if len(valid) < 30 else list(valid[:8]) + ["..."]
@@ -220,6 +246,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
             hp.validate(cfg.model[name])
         validate_data_config(cfg.data)
         SamplingConfig.from_config(cfg.sampling)
+        for kind in ("decoder", "encoder"):
+            _validate_architecture(cfg, kind)
     except ValueError as err:
         raise ConfigError(str(err)) from err
     if cfg.train.batch_size % cfg.train.accum_steps:

@@ -55,7 +55,22 @@ class BertConfig:
                 f"{source}: hidden_act={act!r} is not supported; valid: {sorted(ACTIVATIONS)}"
             )
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in raw.items() if k in names})
+        config = cls(**{k: v for k, v in raw.items() if k in names})
+        families.check_config(config, source)
+        return config
+
+    def invariants(self) -> dict[str, bool]:
+        """What must hold before any weight is read or any shape is built."""
+        sizes = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
+        rules = families.positive(self, *sizes, "intermediate_size", "max_position_embeddings")
+        if all(rules.values()):
+            rules[
+                f"hidden_size={self.hidden_size} must be divisible by "
+                f"num_attention_heads={self.num_attention_heads}"
+            ] = self.hidden_size % self.num_attention_heads == 0
+        return rules | families.probabilities(
+            self, "hidden_dropout_prob", "attention_probs_dropout_prob"
+        )
 
     def to_hf_dict(self) -> dict[str, Any]:
         return {"model_type": "bert", "architectures": ["BertModel"], **dataclasses.asdict(self)}

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -129,6 +130,56 @@ def reorder_self_cache(cache: dict[str, Any], rows: Any) -> dict[str, Any]:
     import jax
 
     return {**cache, "self": jax.tree.map(lambda x: x[rows], cache["self"])}
+
+
+def _has_type(value: Any, annotation: str) -> bool:
+    """Whether ``value`` fits one alternative of a dataclass field's (string) annotation."""
+    if annotation == "bool":
+        return isinstance(value, bool)
+    if annotation == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation == "float":
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if annotation == "str":
+        return isinstance(value, str)
+    if annotation == "None":
+        return value is None
+    if annotation.startswith("tuple["):
+        return isinstance(value, tuple | list)
+    return True  # an annotation this check does not know
+
+
+def check_config(config: Any, source: str) -> None:
+    """Raise ``ValueError`` naming ``source`` and the field when a field of a family's config
+    has the wrong type (``"128"`` for an int), a float is not finite, or one of the config's
+    ``invariants()`` (``{"n_embd=130 must be divisible by n_head=4": False}``) does not hold;
+    the invariants are only evaluated once every type is right."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        allowed = [a.strip() for a in str(f.type).split("|")]
+        if not any(_has_type(value, a) for a in allowed):
+            raise ValueError(f"{source}: {f.name}={value!r} must be {f.type}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{source}: {f.name}={value!r} must be a finite number")
+    invariants = getattr(config, "invariants", dict)
+    for rule, holds in invariants().items():
+        if not holds:
+            raise ValueError(f"{source}: {rule}")
+
+
+def positive(config: Any, *names: str) -> dict[str, bool]:
+    """Invariants for :func:`check_config`: each named (numeric) field is > 0."""
+    return {
+        f"{name}={getattr(config, name)!r} must be > 0": getattr(config, name) > 0 for name in names
+    }
+
+
+def probabilities(config: Any, *names: str) -> dict[str, bool]:
+    """Invariants for :func:`check_config`: each named field (a dropout rate) is in [0, 1)."""
+    return {
+        f"{name}={getattr(config, name)!r} must be in [0, 1)": 0 <= getattr(config, name) < 1
+        for name in names
+    }
 
 
 def decoder_family(config: Any) -> DecoderFamily:

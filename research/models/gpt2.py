@@ -73,7 +73,19 @@ class GPT2Config:
                 f"valid: {sorted(ACTIVATIONS)}"
             )
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in raw.items() if k in names})
+        config = cls(**{k: v for k, v in raw.items() if k in names})
+        families.check_config(config, source)
+        return config
+
+    def invariants(self) -> dict[str, bool]:
+        """What must hold before any weight is read or any shape is built."""
+        sizes = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head")
+        rules = families.positive(self, *sizes)
+        if all(rules.values()):
+            rules[f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}"] = (
+                self.n_embd % self.n_head == 0
+            )
+        return rules | families.probabilities(self, "resid_pdrop", "embd_pdrop", "attn_pdrop")
 
     def to_hf_dict(self) -> dict[str, Any]:
         return {

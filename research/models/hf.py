@@ -70,7 +70,10 @@ def read_config(folder: str | Path) -> tuple[Any, Any]:
         family = families.family(raw.get("model_type"), source=f"{path}: model_type")
     except ValueError as err:
         raise CheckpointError(str(err)) from err
-    return family, family.config_cls.from_dict(raw, source=str(path))
+    try:
+        return family, family.config_cls.from_dict(raw, source=str(path))
+    except (ValueError, TypeError) as err:
+        raise CheckpointError(str(err)) from err
 
 
 def read_state_dict(folder: str | Path) -> dict[str, np.ndarray]:
@@ -169,8 +172,9 @@ def convert_to_flax(
     """Hugging Face tensors -> nested Flax params, checking names and shapes.
 
     ``expected`` maps flax paths ("h_0/attn/c_attn/kernel") to objects with ``.shape``.
-    Missing tensors and shape mismatches raise; unexpected tensors are reported by a warning
-    (an error when ``strict``).
+    Missing tensors, shape mismatches and tensors of layers the config lacks (a
+    ``config.json`` that lies about the depth) raise; other unexpected tensors (a task head)
+    are reported by a warning (an error when ``strict``).
     """
     tensors = _normalise_names(arch, tensors)
     flat, missing, mismatched = {}, [], []
@@ -189,18 +193,36 @@ def convert_to_flax(
         flat[flax_path] = np.ascontiguousarray(value, dtype=np.float32)
     if missing or mismatched:
         lines = [f"missing tensor {name}" for name in missing] + mismatched
-        raise CheckpointError(f"{source}: cannot load weights:\n  " + "\n  ".join(lines))
+        raise CheckpointError(f"{source}: cannot load weights: " + "; ".join(lines))
     extra = sorted(
         name
         for name in set(tensors) - used
         if not re.fullmatch(arch.buffers, name) and not _is_tied(arch, name, tensors)
     )
+    layers = _layer_tensors(arch, config, extra)
+    if layers:
+        raise CheckpointError(
+            f"{source}: {len(layers)} tensors of layers config.json does not have "
+            f"({arch.num_layers(config)} layers): {layers[:5]}"
+        )
     if extra:
         message = f"{source}: {len(extra)} unexpected tensors not loaded: {extra[:10]}"
         if strict:
             raise CheckpointError(message)
         warnings.warn(message, stacklevel=3)
     return traverse_util.unflatten_dict(flat, sep="/")
+
+
+def _layer_tensors(arch: HFConversion, config: Any, names: list[str]) -> list[str]:
+    """The names that are per-layer rows of the table (``h.{i}.*``), of some layer index (the
+    table's own layers are used, so these are layers past the config's)."""
+    table = arch.table(config) if callable(arch.table) else arch.table
+    patterns = [
+        re.compile(re.escape(hf).replace(re.escape("{i}"), r"\d+"))
+        for hf, _, _ in table
+        if "{i}" in hf
+    ]
+    return [name for name in names if any(p.fullmatch(name) for p in patterns)]
 
 
 def _is_tied(arch: HFConversion, name: str, tensors: dict[str, np.ndarray]) -> bool:

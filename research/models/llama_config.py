@@ -11,13 +11,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import jax
+from research.models import families
+from research.models.activations import ACTIVATIONS
 
-ACTIVATIONS = {
-    "silu": jax.nn.silu,
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-}
 MODEL_TYPES = {
     "llama": "LlamaForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
@@ -114,7 +110,9 @@ class LlamaConfig:
                 f"{source}: num_attention_heads={heads} is not a multiple of "
                 f"num_key_value_heads={values['num_key_value_heads']}"
             )
-        return cls(**values)
+        config = cls(**values)
+        families.check_config(config, source)
+        return config
 
     def to_hf_dict(self) -> dict[str, Any]:
         out = {k: getattr(self, k) for k in _PLAIN_HF_FIELDS}
