@@ -52,14 +52,6 @@ from research.data.safe_pickle import restricted_load
 from research.data.synthetic import synthetic_reviews
 from research.errors import ExpectedError
 
-BAD_ROW_REASONS = (
-    "missing_field",
-    "empty_text",
-    "wrong_type",
-    "invalid_utf8",
-    "invalid_json",
-    "malformed_row",
-)
 # Bad-row examples kept per reason in the report: enough to find the problem, not a copy.
 _EXAMPLES_PER_REASON = 5
 _GZIP_MAGIC = b"\x1f\x8b"

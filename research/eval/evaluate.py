@@ -19,7 +19,6 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-from flax import jax_utils
 
 from research import compilation_cache
 from research.config import apply_override, from_json_dict, validate
@@ -38,7 +37,7 @@ from research.train.run_log import (
     record_invocation,
     write_json,
 )
-from research.train.steps import make_eval_step, shard
+from research.train.steps import make_eval_step, replicate, shard
 
 
 @dataclasses.dataclass
@@ -100,7 +99,7 @@ def split_perplexity(run: LoadedRun, split: str, max_examples: int = 0) -> float
     """exp(mean per-token loss) of the reference targets of ``split`` (or its sample)."""
     devices = jax.local_device_count()
     step = make_eval_step(run.model)
-    params = jax_utils.replicate(run.params)
+    params = replicate(run.params, devices)
     total = count = 0.0
     examples = eval_examples(run, split, max_examples)
     for batch in run.dataset.eval_iterator(split, run.cfg.train.eval_batch_size, examples=examples):
