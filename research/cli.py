@@ -228,7 +228,7 @@ def _dispatch(args, overrides, argv) -> int | None:
         _, params = build_generator(cfg, dataset.num_users, dataset.num_items, jax.random.key(0))
         print(parameter_summary(params, tuple(cfg.train.trainable)))
     elif args.command == "bench":
-        from research.bench import run_bench
+        from research.bench.run import run_bench
 
         run_bench(only=args.only, json_path=args.json, smoke=args.smoke)
     elif args.command == "demo":

@@ -112,6 +112,8 @@ def test_smoke_compile_memory_and_mfu_fields(smoke):
     memory = by_key[("memory", "training, 2 steps")]
     for side in ("ours", "reference"):
         assert 100 < memory[side] < 64 * 1024  # MiB
+    assert memory["frameworks"]["ours"] == ["jax"]  # each framework alone: no torch in ours
+    assert "torch" in memory["frameworks"]["reference"]
     for name in ("train_lm", "train_conditioned"):
         row = next(r for r in written if r["measurement"] == name)
         assert row["peak_flops"] > 1e9 and row["peak_source"] == "measured matmul"

@@ -4,7 +4,8 @@
 is ``train``, ``generate`` or both (``train,generate``, in that order). ``train`` trains GPT-2
 (the first step, then a few more) and reads the process's peak resident memory, ``generate``
 decodes greedily twice. It prints one JSON line, by job. A fresh process is what a user
-starts: nothing compiled or cached yet.
+starts: nothing compiled or cached yet. Only a ``reference`` child imports torch (and
+transformers), so an ``ours`` child's memory is JAX's alone.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from research.bench import ours, reference
+from research.bench import ours
 from research.bench.common import Setup, make_setup
 
 
@@ -57,6 +58,12 @@ def child(side: str, job: str, setup: Setup) -> dict[str, Any]:
     """``train``: the first step, a few more, then the peak memory; ``generate``: two greedy
     decodings of one prompt. Each job runs in its own fresh process."""
     rng = np.random.default_rng(0)
+    if side == "reference":
+        import transformers
+
+        from research.bench import reference
+
+        transformers.logging.set_verbosity_error()
     if job == "train":
         batch = ours.lm_batch(setup, rng)
         if side == "ours":
@@ -68,6 +75,8 @@ def child(side: str, job: str, setup: Setup) -> dict[str, Any]:
             )
         result = _first_and_next(fn, setup.memory_steps, {"batch": setup.batch, "seq": setup.seq})
         result["peak_rss_mib"] = _peak_rss_mib()
+        # What the peak covers: which frameworks this process loaded.
+        result["frameworks"] = [name for name in ("jax", "torch") if name in sys.modules]
         stats = jax.devices()[0].memory_stats() if side == "ours" else None
         if stats and "peak_bytes_in_use" in stats:
             result["device_peak_bytes"] = stats["peak_bytes_in_use"]
@@ -95,9 +104,6 @@ def main(argv: list[str]) -> int:
             file=sys.stderr,
         )
         return 2
-    import transformers
-
-    transformers.logging.set_verbosity_error()
     setup = make_setup(argv[3])
     print(json.dumps({job: child(argv[1], job, setup) for job in jobs}))
     return 0

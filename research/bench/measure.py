@@ -1,0 +1,325 @@
+"""The measurements of ``research bench`` and the run state they share; each returns rows."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from research.bench import ours, reference
+from research.bench.common import (
+    Setup,
+    card_peak_flops,
+    interleaved,
+    lm_train_flops_per_token,
+    matmul_flops,
+    median,
+)
+
+MEASUREMENTS = ("train_lm", "train_conditioned", "generate", "compile", "memory")
+
+
+class Run:
+    """One benchmark run: its setup, and what several measurements share (computed once)."""
+
+    def __init__(self, setup: Setup):
+        self.setup = setup
+        self.device = jax.devices()[0]
+        self.reference_device = reference.device_for(setup)
+        self._peak: dict[str, Any] | None = None
+        self._children: dict[tuple[str, str], dict[str, Any]] = {}
+
+    def peak(self) -> dict[str, Any]:
+        """FLOP/s the MFU figures divide by: the card's datasheet peak on a known GPU, else the
+        faster of ``jnp.dot`` and ``torch.mm`` on square matrices, measured now."""
+        if self._peak is None:
+            self._peak = _matmul_peak(self.setup, self.reference_device)
+            card = (
+                card_peak_flops(self.device.device_kind) if self.device.platform == "gpu" else None
+            )
+            measured = [v for v in (self._peak["jax"], self._peak["torch"]) if v]
+            self._peak["used"] = card or max(measured)
+            self._peak["source"] = "datasheet" if card else "measured matmul"
+        return self._peak
+
+    def child(self, side: str, job: str) -> dict[str, Any]:
+        """Results of ``python -m research.bench child SIDE JOB SETUP``, once per (side, job).
+
+        Real runs give every job a fresh process of its own, one after another. The smoke run
+        (its timings mean nothing, and the test suite waits for it) starts one process per
+        side for both jobs, the two sides at once.
+        """
+        if (side, job) not in self._children:
+            if self.setup.name == "smoke":
+                sides = ["ours"] + (["reference"] if self.reference_device is not None else [])
+                wanted = [(s, ("train", "generate")) for s in sides]
+            else:
+                wanted = [(side, (job,))]
+            self._children |= _run_children(wanted, self.setup.name)
+        return self._children[side, job]
+
+
+def _matmul_peak(setup: Setup, torch_device: str | None) -> dict[str, Any]:
+    import torch
+
+    n = {"smoke": 256, "gpu": 8192}.get(setup.name, 2048)
+    rng = np.random.default_rng(0)
+    a, b = (rng.standard_normal((n, n), dtype=np.float32) for _ in range(2))
+    dtype = setup.jnp_dtype
+    ja, jb = jnp.asarray(a, dtype), jnp.asarray(b, dtype)
+    dot = jax.jit(jnp.dot)
+    runs = {"jax": lambda: dot(ja, jb).block_until_ready()}
+    if torch_device is not None:
+        tdtype = torch.bfloat16 if setup.dtype == "bfloat16" else torch.float32
+        ta, tb = (torch.as_tensor(x, device=torch_device).to(tdtype) for x in (a, b))
+
+        def torch_mm():
+            torch.mm(ta, tb)
+            if torch_device == "cuda":
+                torch.cuda.synchronize()
+
+        runs["torch"] = torch_mm
+    times = interleaved(runs, warmup=2, repeats=7)
+    flops = 2.0 * n**3
+    return {
+        "n": n,
+        "dtype": setup.dtype,
+        "jax": flops / median(times["jax"]),
+        "torch": flops / median(times["torch"]) if "torch" in times else None,
+    }
+
+
+# --- The measurements ---------------------------------------------------------------------------
+
+
+def _speed_row(
+    measurement: str,
+    case: str,
+    tokens: int,
+    times: dict[str, list[float]],
+    shapes: dict[str, Any],
+    **details,
+) -> dict[str, Any]:
+    """A row comparing tokens per second (higher is better)."""
+    ours_tps = tokens / median(times["ours"])
+    ref_tps = tokens / median(times["reference"]) if "reference" in times else None
+    return {
+        "measurement": measurement,
+        "case": case,
+        "unit": "tokens/s",
+        "better": "higher",
+        "ours": ours_tps,
+        "reference": ref_tps,
+        "ratio": ours_tps / ref_tps if ref_tps else None,
+        "shapes": shapes,
+        "seconds": times,
+        **details,
+    }
+
+
+def _mfu(run: Run, flops_per_step: float, times: dict[str, list[float]]) -> dict[str, Any]:
+    peak = run.peak()
+    return {
+        "model_flops_per_step": flops_per_step,
+        "peak_flops": peak["used"],
+        "peak_source": peak["source"],
+        "matmul_flops_per_s": {"n": peak["n"], "jax": peak["jax"], "torch": peak["torch"]},
+        "mfu": {side: flops_per_step / median(t) / peak["used"] for side, t in times.items()},
+    }
+
+
+def _train_compare(run: Run, mine: ours.TrainStep, theirs: reference.TrainStep | None):
+    """Warm up (the first call compiles ours), then take turns; also the first losses."""
+    steps: dict[str, Callable[[], float]] = {"ours": mine}
+    if theirs is not None:
+        steps["reference"] = theirs
+    first_loss = {side: step() for side, step in steps.items()}
+    times = interleaved(steps, max(run.setup.warmup - 1, 0), run.setup.repeats)
+    return times, first_loss
+
+
+def measure_train_lm(run: Run) -> list[dict[str, Any]]:
+    s = run.setup
+    rng = np.random.default_rng(0)
+    torch_model = reference.lm_model(s)
+    params = reference.as_flax_params(torch_model, s)  # both sides start from the same weights
+    batch = ours.lm_batch(s, rng)
+    mine = ours.TrainStep(ours.lm_model(s), params, batch)
+    theirs = None
+    if run.reference_device is not None:
+        theirs = reference.TrainStep(torch_model, batch, s, run.reference_device)
+    times, first_loss = _train_compare(run, mine, theirs)
+    tokens = s.batch * s.seq
+    flops = lm_train_flops_per_token(params, s.decoder, s.seq) * tokens
+    return [
+        _speed_row(
+            "train_lm",
+            f"{s.batch} x {s.seq} tokens",
+            tokens,
+            times,
+            {"batch": s.batch, "seq": s.seq, "vocab": s.decoder.vocab_size},
+            first_loss=first_loss,
+            flops_formula="6 N + 12 L d T per token (N: kernels + tied embedding)",
+            **_mfu(run, flops, times),
+        )
+    ]
+
+
+def measure_train_conditioned(run: Run) -> list[dict[str, Any]]:
+    s = run.setup
+    rng = np.random.default_rng(0)
+    model = ours.conditioned_model(s)
+    params = ours.random_params(model)
+    batch = ours.conditioned_batch(s, rng)
+    mine = ours.TrainStep(model, params, batch)
+    theirs = None
+    if run.reference_device is not None:
+        torch_model = reference.conditioned_model(s)
+        theirs = reference.TrainStep(torch_model, batch, s, run.reference_device)
+    times, first_loss = _train_compare(run, mine, theirs)
+    forward = matmul_flops(lambda p: model.apply({"params": p}, batch), params)
+    return [
+        _speed_row(
+            "train_conditioned",
+            f"{s.batch} x ({s.encoder_seq} encoder + {s.seq} decoder) tokens",
+            s.batch * s.seq,
+            times,
+            {"batch": s.batch, "seq": s.seq, "encoder_seq": s.encoder_seq},
+            first_loss=first_loss,
+            flops_formula="3 x the matrix products of our forward pass (counted on its jaxpr)",
+            **_mfu(run, 3.0 * forward, times),
+        )
+    ]
+
+
+def _keeping(store: dict[str, np.ndarray], side: str, fn: Callable[[], Any]) -> Callable[[], None]:
+    """``fn`` whose latest result is kept in ``store[side]`` (to compare the tokens after)."""
+    return lambda: store.__setitem__(side, np.asarray(fn()))
+
+
+def measure_generate(run: Run) -> list[dict[str, Any]]:
+    s = run.setup
+    torch_model = reference.lm_model(s)
+    params = reference.as_flax_params(torch_model, s)
+    model = ours.lm_model(s, decoding=True)
+    rng = np.random.default_rng(0)
+    rows = []
+    for size in s.generate_batches:
+        # Prompts avoid the EOS id (the last one), as real prompts do.
+        prompt = rng.integers(0, s.decoder.vocab_size - 1, (size, s.prompt), dtype=np.int32)
+        outputs: dict[str, np.ndarray] = {}
+        runs = {"ours": _keeping(outputs, "ours", ours.greedy(model, params, prompt, s.new_tokens))}
+        if run.reference_device is not None:
+            fn = reference.greedy(torch_model, prompt, s.new_tokens, s, run.reference_device)
+            runs["reference"] = _keeping(outputs, "reference", fn)
+        times = interleaved(runs, s.warmup, s.repeats)
+        details = {}
+        if "reference" in outputs:
+            details["same_tokens"] = float((outputs["ours"] == outputs["reference"]).mean())
+        rows.append(
+            _speed_row(
+                "generate",
+                f"batch {size}",
+                size * s.new_tokens,
+                times,
+                {"batch": size, "prompt": s.prompt, "new_tokens": s.new_tokens},
+                strategy="greedy",
+                **details,
+            )
+        )
+    return rows
+
+
+def measure_compile(run: Run) -> list[dict[str, Any]]:
+    rows = []
+    for case, job in (("train step", "train"), ("sampler", "generate")):
+        mine = run.child("ours", job)
+        theirs = run.child("reference", job) if run.reference_device is not None else None
+        ref_s = theirs["first_result_s"] if theirs else None
+        rows.append(
+            {
+                "measurement": "compile",
+                "case": case,
+                "unit": "s",
+                "better": "lower",
+                "ours": mine["first_result_s"],
+                "reference": ref_s,
+                "ratio": mine["first_result_s"] / ref_s if ref_s else None,
+                "shapes": mine["shapes"],
+                # What one more call costs once compiled: the rest of the first call compiled.
+                "ours_next_call_s": mine["next_call_s"],
+                "reference_next_call_s": theirs["next_call_s"] if theirs else None,
+                "note": "fresh process each; PyTorch compiles nothing (its first call is eager)",
+            }
+        )
+    return rows
+
+
+def measure_memory(run: Run) -> list[dict[str, Any]]:
+    mine = run.child("ours", "train")
+    theirs = run.child("reference", "train") if run.reference_device is not None else None
+    ref_mib = theirs["peak_rss_mib"] if theirs else None
+    return [
+        {
+            "measurement": "memory",
+            "case": f"training, {mine['steps']} steps",
+            "unit": "MiB peak RSS",
+            "better": "lower",
+            "ours": mine["peak_rss_mib"],
+            "reference": ref_mib,
+            "ratio": mine["peak_rss_mib"] / ref_mib if ref_mib else None,
+            "shapes": mine["shapes"],
+            "ours_device_peak_bytes": mine.get("device_peak_bytes"),
+            "frameworks": {
+                "ours": mine["frameworks"],
+                "reference": theirs and theirs["frameworks"],
+            },
+            "note": "fresh process each, whole-process peak (imports, compilation included); "
+            "the ours process never imports torch",
+        }
+    ]
+
+
+MEASURE: dict[str, Callable[[Run], list[dict[str, Any]]]] = {
+    "train_lm": measure_train_lm,
+    "train_conditioned": measure_train_conditioned,
+    "generate": measure_generate,
+    "compile": measure_compile,
+    "memory": measure_memory,
+}
+
+
+# --- Fresh processes for compile and memory ------------------------------------------------------
+
+
+def _run_children(
+    wanted: list[tuple[str, tuple[str, ...]]], setup_name: str
+) -> dict[tuple[str, str], dict[str, Any]]:
+    """Run ``python -m research.bench child SIDE JOBS SETUP`` for every (side, jobs) at once
+    -> results by (side, job)."""
+    env = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
+    started = []
+    for side, jobs in wanted:
+        cmd = [sys.executable, "-m", "research.bench", "child", side, ",".join(jobs), setup_name]
+        pipe = subprocess.PIPE
+        started.append(
+            (side, cmd, subprocess.Popen(cmd, stdout=pipe, stderr=pipe, text=True, env=env))
+        )
+    results = {}
+    for side, cmd, proc in started:
+        stdout, stderr = proc.communicate()
+        if proc.returncode != 0:
+            raise RuntimeError(
+                f"benchmark child {' '.join(cmd[2:])} failed (exit {proc.returncode}):\n"
+                + stderr[-3000:]
+            )
+        for job, result in json.loads(stdout.strip().splitlines()[-1]).items():
+            results[side, job] = result
+    return results

@@ -1,0 +1,71 @@
+"""The bench's targets (the issue's figures) and its Markdown table."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+
+def target_for(
+    setup: str, measurement: str, case: str
+) -> tuple[str, Callable[[dict], bool]] | None:
+    """The issue's target for a row of a ``cpu``/``gpu`` run: (text, check), or None."""
+    if setup == "cpu":
+        if measurement == "train_lm":
+            return ">= 1.25x", lambda r: r["ratio"] is not None and r["ratio"] >= 1.25
+        if measurement == "generate" and case == "batch 1":
+            return ">= 1.5x", lambda r: r["ratio"] is not None and r["ratio"] >= 1.5
+        if measurement == "generate" and case == "batch 16":
+            return ">= 3x", lambda r: r["ratio"] is not None and r["ratio"] >= 3.0
+    if setup in ("cpu", "gpu") and measurement == "compile":
+        return "< 10 s", lambda r: r["ours"] < 10.0
+    if setup == "gpu" and measurement == "train_lm":
+        return "MFU >= 40%", lambda r: r["mfu"]["ours"] >= 0.40
+    return None
+
+
+# --- Output ---------------------------------------------------------------------------------
+
+
+def _value(row: dict[str, Any], side: str) -> str:
+    value = row[side]
+    if value is None:
+        return "n/a"
+    text = f"{value:,.1f} {row['unit']}" if value >= 10 else f"{value:.2f} {row['unit']}"
+    mfu = row.get("mfu", {}).get(side)
+    return f"{text} (MFU {100 * mfu:.0f}%)" if mfu is not None else text
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """The rows as a Markdown table, with the run's machine and date above it."""
+    if not rows:
+        return "(no measurements)"
+    first = rows[0]
+    machine, device, versions = first["machine"], first["device"], first["versions"]
+    lines = [
+        f"{first['date']}, setup `{first['setup']}` ({first['dtype']}), {machine['cpu']}, "
+        f"{machine['usable_cores']} cores, {device['count']} x {device['kind']} "
+        f"({device['platform']}); jax {versions['jax']}, torch {versions['torch']}, "
+        f"transformers {versions['transformers']}",
+        "",
+        "| measurement | case | ours | transformers (PyTorch) | ours / PyTorch | target | met |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        ratio = f"{row['ratio']:.2f}x" if row["ratio"] is not None else "n/a"
+        met = {True: "yes", False: "**no**", None: ""}[row["meets_target"]]
+        lines.append(
+            f"| {row['measurement']} | {row['case']} | {_value(row, 'ours')} | "
+            f"{_value(row, 'reference')} | {ratio} | {row['target'] or ''} | {met} |"
+        )
+    with_mfu = [r for r in rows if "peak_flops" in r]
+    if with_mfu:
+        formulas = "; ".join(f"{r['measurement']}: {r['flops_formula']}" for r in with_mfu)
+        lines += [
+            "",
+            f"MFU: model FLOPs per second / {with_mfu[0]['peak_flops'] / 1e9:,.0f} GFLOP/s "
+            f"({with_mfu[0]['peak_source']}). Model FLOPs, {formulas}.",
+        ]
+    load = [r["load_average"] for r in rows]
+    lines.append(f"Load average (1 min) during the rows: {', '.join(f'{x:.1f}' for x in load)}.")
+    return "\n".join(lines)

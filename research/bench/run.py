@@ -1,0 +1,75 @@
+"""``run_bench``: the chosen measurements, their JSON lines and table."""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import sys
+import time
+from typing import Any
+
+from research.bench.common import default_setup_name, environment, make_setup, now
+from research.bench.measure import MEASURE, MEASUREMENTS, Run
+from research.bench.report import markdown_table, target_for
+
+
+def run_bench(
+    only: list[str] | None = None, json_path: str | None = None, smoke: bool = False
+) -> list[dict[str, Any]]:
+    """Run the measurements (all, or ``only`` these), write JSON lines to ``json_path``, print
+    the Markdown table; returns the rows."""
+    from research.config import ConfigError
+
+    names = list(only) if only else list(MEASUREMENTS)
+    unknown = [n for n in names if n not in MEASUREMENTS]
+    if unknown:
+        raise ConfigError(
+            f"bench --only {unknown[0]!r}: valid measurements are {list(MEASUREMENTS)}"
+        )
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    # On a GPU the compile/memory children need device memory too: no process grabs 75% of it
+    # up front (this works when nothing has started JAX's backend yet, as under the CLI).
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    run = Run(make_setup(default_setup_name(smoke)))
+    out = open(json_path, "w") if json_path else None  # noqa: SIM115 (rows stream in as they finish)
+    rows: list[dict[str, Any]] = []
+    try:
+        for name in names:
+            print(f"[bench] {name} ({run.setup.name}) ...", file=sys.stderr, flush=True)
+            start = time.perf_counter()
+            for row in MEASURE[name](run):
+                row = _complete(row, run)
+                rows.append(row)
+                if out is not None:
+                    out.write(json.dumps(row) + "\n")
+                    out.flush()
+            gc.collect()
+            took = time.perf_counter() - start
+            print(f"[bench] {name} took {took:.0f} s", file=sys.stderr, flush=True)
+    finally:
+        if out is not None:
+            out.close()
+    print(markdown_table(rows))
+    return rows
+
+
+def _complete(row: dict[str, Any], run: Run) -> dict[str, Any]:
+    """Add what every JSON line carries, and the target verdict."""
+    s = run.setup
+    target = target_for(s.name, row["measurement"], row["case"])
+    return {
+        **row,
+        "target": target[0] if target else None,
+        "meets_target": target[1](row) if target else None,
+        "setup": s.name,
+        "dtype": s.dtype,
+        "attention_impl": s.attention_impl,
+        "warmup": s.warmup,
+        "repeats": s.repeats,
+        "date": now(),
+        "load_average": os.getloadavg()[0],
+        **environment(),
+    }
