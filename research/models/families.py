@@ -30,6 +30,8 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+import jax
+
 # Layout changes between a Hugging Face tensor and our parameter. torch.nn.Linear stores
 # [out, in]; a Flax Dense kernel is [in, out]. Both changes are their own inverse.
 KEEP = "keep"
@@ -127,8 +129,6 @@ def reorder_self_cache(cache: dict[str, Any], rows: Any) -> dict[str, Any]:
     """``reorder_cache`` for caches laid out ``{"self": [(k, v) per layer], "cross": ...}``
     (GPT-2, Llama): row j of the self-attention cache becomes row ``rows[j]``. The beams of a
     sequence share the encoder keys/values in ``cache["cross"]``: nothing to reorder there."""
-    import jax
-
     return {**cache, "self": jax.tree.map(lambda x: x[rows], cache["self"])}
 
 
