@@ -73,7 +73,9 @@ class DistilBertConfig:
                 f"{source}: activation={act!r} is not supported; valid: {sorted(ACTIVATIONS)}"
             )
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in raw.items() if k in names and v is not None})
+        config = cls(**{k: v for k, v in raw.items() if k in names and v is not None})
+        families.check_config(config, source)
+        return config
 
     def to_hf_dict(self) -> dict[str, Any]:
         return {
