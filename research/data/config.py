@@ -65,7 +65,7 @@ def data_config() -> ml_collections.ConfigDict:
     # PETER's splits do), so no validation/test user or item is unseen.
     cfg.keep_test_entities_in_train = True
     # Decoder target: the review text, its first sentence, PEPLER's template sentence, or the
-    # summary (title); cut to max_target_tokens GPT-2 tokens, then wrapped in BOS/EOS.
+    # summary (title); cut to max_target_tokens decoder tokens, then wrapped in BOS/EOS.
     cfg.target = "review"
     cfg.max_target_tokens = 20
     # What the encoder reads; histories use only training reviews, newest first.
@@ -82,7 +82,8 @@ def data_config() -> ml_collections.ConfigDict:
     cfg.encoder_buckets = (32, 64, 128)
     # Folder for the tokenisation cache; empty = no cache.
     cfg.cache_dir = ""
-    # Tokenizer folders; empty = GPT-2's BPE (decoder) and all-MiniLM-L6-v2's (encoder).
+    # Tokenizer folders; empty = those of init.decoder/init.encoder when they are folders,
+    # else GPT-2's BPE (decoder) and all-MiniLM-L6-v2's (encoder).
     cfg.decoder_tokenizer = ""
     cfg.encoder_tokenizer = ""
     # The controllable corpus of research/data/synthetic.py.
