@@ -10,9 +10,11 @@
 from __future__ import annotations
 
 import contextlib
+import linecache
 import sys
 import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import TextIO
 
 import jax
@@ -91,6 +93,20 @@ def track(iterable: Iterable, total: int | None, desc: str, unit: str, every: in
         bar.close()
 
 
+def _caller() -> str:
+    """Where in this package the compiling call was made: jax.pmap names every pmapped
+    function jit(_fun), so the calling line is what says which step it is."""
+    package = Path(__file__).parent
+    frame = sys._getframe(1)
+    while frame is not None:
+        path = Path(frame.f_code.co_filename)
+        if path.is_relative_to(package) and path != Path(__file__):
+            line = linecache.getline(str(path), frame.f_lineno).strip()
+            return f" for `{line}` ({path.relative_to(package.parent)}:{frame.f_lineno})"
+        frame = frame.f_back
+    return ""
+
+
 @contextlib.contextmanager
 def compile_log(min_seconds: float = 0.5, write: Callable[[str], None] = tqdm.write):
     """Print "compiled NAME in X s" for each compilation of at least ``min_seconds``.
@@ -100,7 +116,8 @@ def compile_log(min_seconds: float = 0.5, write: Callable[[str], None] = tqdm.wr
 
     def listener(event: str, duration: float, **kwargs) -> None:
         if event == _COMPILE_EVENT and duration >= min_seconds:
-            write(f"compiled {kwargs.get('fun_name', '?')} in {duration:.1f} s")
+            name = kwargs.get("fun_name", "?")
+            write(f"compiled {name}{_caller()} in {duration:.1f} s")
 
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:

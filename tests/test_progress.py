@@ -54,3 +54,13 @@ def test_one_line_per_compilation_with_its_name():
     jax.jit(doubled_plus_one)(jnp.arange(4.0)).block_until_ready()  # after the context
     assert len([line for line in lines if "doubled_plus_one" in line]) == 1, lines
     assert all(line.startswith("compiled ") and line.endswith(" s") for line in lines)
+
+
+def test_a_compilation_names_the_calling_line_of_the_package():
+    from research.train import steps
+
+    lines = []
+    with compile_log(min_seconds=0.0, write=lines.append):
+        # A shape no other test uses: compiled here, not found in the in-memory cache.
+        steps.replicate(jnp.zeros((17, 3), jnp.int8), jax.local_device_count())
+    assert any("(research/train/steps.py:" in line for line in lines), lines
