@@ -4,6 +4,7 @@
   research generate --workdir DIR --split test --out FILE.jsonl [--config.sampling.x=y ...]
   research generate --workdir DIR --text "conditioning text"   (or --user U --item I)
   research evaluate --workdir DIR --split test [--config.x=y ...]
+  research export   --workdir DIR --out FOLDER [--checkpoint best|latest] [--force]
   research ablate   --config experiments/configs/ablation_NAME.py --workdir DIR
                     [--seeds 0,1,2] [--axis model.conditioning=none,prefix] [--dry-run]
   research config   --config experiments/configs/NAME.py [--config.x=y ...]   (or --workdir DIR)
@@ -73,6 +74,12 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="generate a split and compute the field's metrics")
     p.add_argument("--workdir", required=True)
     p.add_argument("--split", default="test")
+
+    p = sub.add_parser("export", help="write a run as Hugging Face folders + conditioning file")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--out", required=True, help="export folder (research/export.py: its files)")
+    p.add_argument("--checkpoint", choices=("best", "latest"), default="best")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
 
     p = sub.add_parser("ablate", help="train and evaluate a grid of settings x seeds")
     p.add_argument("--config", required=True, help="experiments/configs/ablation_NAME.py")
@@ -150,7 +157,7 @@ def _exit_code(err: Exception) -> int | None:
         return err.exit_code
     if isinstance(err, TrainingDiverged):
         return DIVERGED
-    bad_input = (ConfigError, FileNotFoundError, BadRowError, CheckpointError)
+    bad_input = (ConfigError, FileNotFoundError, FileExistsError, BadRowError, CheckpointError)
     broken_file = (pickle.UnpicklingError, EOFError, gzip.BadGzipFile, UnicodeDecodeError)
     return BAD_INPUT if isinstance(err, bad_input + broken_file) else None
 
@@ -190,6 +197,10 @@ def _dispatch(args, overrides, argv) -> int | None:
         from research.eval.evaluate import evaluate_run
 
         evaluate_run(args.workdir, args.split, overrides)
+    elif args.command == "export":
+        from research.export import export_run
+
+        export_run(args.workdir, args.out, args.force, args.checkpoint, overrides)
     elif args.command == "ablate":
         from research.eval.ablate import run_ablation
 

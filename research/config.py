@@ -24,6 +24,7 @@ from research.data.config import data_config, validate_data_config
 from research.models import conditioning
 from research.models.build import scratch_family
 from research.models.generator import GROUPS
+from research.runs import tokenizer_source
 from research.sampling import SamplingConfig, sampling_config
 from research.train.optim import SCHEDULES
 
@@ -344,9 +345,9 @@ def _tokenizers_follow_models(cfg: ml_collections.ConfigDict) -> None:
     """Unset ``data.*_tokenizer`` take the pretrained folders' own: targets are tokenised by
     the decoder's tokenizer, encoder inputs by the encoder's."""
     if not cfg.data.decoder_tokenizer and cfg.init.decoder:
-        cfg.data.decoder_tokenizer = cfg.init.decoder
+        cfg.data.decoder_tokenizer = tokenizer_source(cfg.init.decoder, "decoder")
     if not cfg.data.encoder_tokenizer and cfg.init.encoder not in ("", "minilm"):
-        cfg.data.encoder_tokenizer = cfg.init.encoder
+        cfg.data.encoder_tokenizer = tokenizer_source(cfg.init.encoder, "encoder")
 
 
 def from_json_dict(raw: dict[str, Any]) -> ml_collections.ConfigDict:

@@ -13,6 +13,7 @@ from research.models import families
 from research.models.conditioning import hyperparameters, needs_encoder, parse_conditioning
 from research.models.generator import Generator, GeneratorSpec, init_generator, load_part
 from research.models.hf import read_config
+from research.runs import is_run_source, run_part_config, run_part_params
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -33,6 +34,8 @@ def scratch_family(scratch: ml_collections.ConfigDict | dict, kind: str) -> Any:
 
 
 def _architecture(folder: str, scratch: ml_collections.ConfigDict, kind: str):
+    if is_run_source(folder):
+        return run_part_config(folder, kind)
     if folder:
         family, config = read_config(_folder(folder))
         if family.kind != kind:
@@ -42,22 +45,35 @@ def _architecture(folder: str, scratch: ml_collections.ConfigDict, kind: str):
     return scratch_family(scratch, kind).config_cls.from_dict(raw, source=f"model.{kind}")
 
 
+def part_architecture(cfg: ml_collections.ConfigDict, kind: str, source: str):
+    """The decoder or encoder config that ``cfg`` builds (``source`` names it in errors)."""
+    if kind == "encoder" and not needs_encoder(parse_conditioning(cfg.model.conditioning)):
+        raise ValueError(f"{source!r} has no encoder (conditioning {cfg.model.conditioning!r})")
+    return _architecture(cfg.init[kind], cfg.model[kind], kind)
+
+
+def _pretrained(source: str, kind: str) -> dict[str, Any]:
+    """Weights of a Hugging Face folder (or "minilm"), or of a run's part (``run:WORKDIR``)."""
+    if is_run_source(source):
+        return run_part_params(source, kind)[1]
+    return load_part(_folder(source), kind)[1]
+
+
 def build_generator(
     cfg: ml_collections.ConfigDict, num_users: int, num_items: int, rng: jax.Array | None = None
 ) -> tuple[Generator, dict[str, Any] | None]:
     """``(model, params)`` for ``cfg.model``/``cfg.init``; params are None when ``rng`` is.
 
-    Pretrained folders (``init.decoder``, ``init.encoder``) fix their architecture and, with
-    ``rng``, their weights; otherwise ``model.decoder``/``model.encoder`` describe a network
+    Pretrained folders (``init.decoder``, ``init.encoder``), or ``run:WORKDIR`` (that run's best
+    checkpoint, ``research/runs.py``), fix their architecture and, with ``rng``, their weights;
+    otherwise ``model.decoder``/``model.encoder`` describe a network
     trained from scratch.
     """
     methods = parse_conditioning(cfg.model.conditioning)
     uses_encoder = needs_encoder(methods)
     spec = GeneratorSpec(
-        decoder=_architecture(cfg.init.decoder, cfg.model.decoder, "decoder"),
-        encoder=(
-            _architecture(cfg.init.encoder, cfg.model.encoder, "encoder") if uses_encoder else None
-        ),
+        decoder=part_architecture(cfg, "decoder", "config"),
+        encoder=part_architecture(cfg, "encoder", "config") if uses_encoder else None,
         conditioning=methods,
         options={name: cfg.model[name] for name in hyperparameters(methods)},
         num_users=num_users,
@@ -68,7 +84,7 @@ def build_generator(
         return model, None
     pretrained = {}
     if cfg.init.decoder:
-        pretrained["decoder"] = load_part(_folder(cfg.init.decoder), "decoder")[1]
+        pretrained["decoder"] = _pretrained(cfg.init.decoder, "decoder")
     if cfg.init.encoder and uses_encoder:
-        pretrained["encoder"] = load_part(_folder(cfg.init.encoder), "encoder")[1]
+        pretrained["encoder"] = _pretrained(cfg.init.encoder, "encoder")
     return model, init_generator(model, rng, pretrained)

@@ -1,0 +1,223 @@
+"""``research export``: a trained run as Hugging Face folders, plus one file for everything else.
+
+    research export --workdir runs/NAME --out exports/NAME [--checkpoint best|latest] [--force]
+
+The export folder (format version 1) holds:
+
+``decoder/``
+    ``config.json``, ``model.safetensors`` and the GPT-2 tokenizer files. transformers'
+    ``GPT2LMHeadModel.from_pretrained`` and ``AutoTokenizer.from_pretrained`` read it and give
+    our decoder's logits; ``--config.init.decoder=OUT/decoder`` starts a new run from it.
+``encoder/``
+    The same for the BERT-family encoder (``BertModel``), when the run's conditioning reads one.
+``conditioning.safetensors``
+    Every other parameter of the generator, named by its Flax path joined with "/": the prefix
+    MLP (``conditioning_prefix/hidden/kernel``), the id tables
+    (``conditioning_id_prompt/user/embedding``: row k belongs to ``users[k]`` of
+    ``export.json``), the cross-attention sublayers inside the decoder
+    (``decoder/h_0/crossattention/...``), rating heads, and whatever a new method adds. Flax
+    layout: a Dense kernel is ``[in, out]``.
+``export.json``
+    ``format_version``; ``config``, the run's resolved config; ``source`` (workdir, checkpoint
+    step, the run's commit); ``parts``, the Hugging Face subfolders present; ``users`` and
+    ``items``, raw ids in table order (index 0 stands for "unseen in training"); ``conditioning``,
+    the shape of every tensor of ``conditioning.safetensors``.
+
+:func:`load_export` rebuilds the generator and all its parameters from these files alone.
+Writing happens in a hidden folder beside ``OUT`` that is renamed into place at the end, so an
+interrupted export leaves ``OUT`` as it was; a non-empty ``OUT`` is only replaced with ``force``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from flax import traverse_util
+
+from research.config import from_json_dict
+from research.data import tokenizers
+from research.models import families, hf
+from research.models.build import build_generator
+from research.models.generator import Generator, init_generator, load_part
+from research.runs import hf_part
+
+FORMAT_VERSION = 1
+MANIFEST = "export.json"
+CONDITIONING_FILE = "conditioning.safetensors"
+PARTS = ("decoder", "encoder")  # the generator's parts that have a Hugging Face family
+
+
+@dataclasses.dataclass
+class ExportedRun:
+    """What :func:`load_export` returns: enough to run the generator as the run did."""
+
+    cfg: ml_collections.ConfigDict
+    model: Generator
+    params: dict[str, Any]
+    users: list[str]
+    items: list[str]
+    manifest: dict[str, Any]
+
+
+def _check_out(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file; give a folder")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise FileExistsError(
+            f"--out {out} is not empty; choose a new folder or pass --force to replace it"
+        )
+
+
+def _part_tokenizer(cfg: ml_collections.ConfigDict, part: str):
+    if part == "decoder":
+        return tokenizers.decoder_tokenizer(cfg.data.decoder_tokenizer or None)
+    return tokenizers.encoder_tokenizer(cfg.data.encoder_tokenizer or None)
+
+
+def write_export(folder: Path, run, source: dict[str, Any]) -> dict[str, Any]:
+    """Write the files of a :class:`~research.eval.evaluate.LoadedRun` into ``folder``."""
+    spec, rest, parts = run.model.spec, {}, []
+    for top, tree in jax.device_get(run.params).items():
+        config = getattr(spec, top, None) if top in PARTS else None
+        if config is None:
+            rest.update(
+                {f"{top}/{k}": v for k, v in traverse_util.flatten_dict(tree, sep="/").items()}
+            )
+            continue
+        inside, outside = hf_part(tree, config)
+        module = families.family(config.model_type).module_cls(config)
+        hf.save_pretrained(folder / top, module, traverse_util.unflatten_dict(inside, sep="/"))
+        _part_tokenizer(run.cfg, top).save_pretrained(str(folder / top))
+        rest.update({f"{top}/{k}": v for k, v in outside.items()})
+        parts.append(top)
+    from safetensors.numpy import save_file
+
+    tensors = {k: np.ascontiguousarray(v, np.float32) for k, v in sorted(rest.items())}
+    save_file(tensors, str(folder / CONDITIONING_FILE))
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "source": source,
+        "parts": parts,
+        "conditioning": {k: list(v.shape) for k, v in tensors.items()},
+        "users": list(run.dataset.users),
+        "items": list(run.dataset.items),
+        "config": run.cfg.to_dict(),
+    }
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1, default=list) + "\n")
+    return manifest
+
+
+def export_run(
+    workdir: str | Path,
+    out: str | Path,
+    force: bool = False,
+    which: str = "best",
+    overrides: Iterable[tuple[str, str]] = (),
+) -> Path:
+    """Export the ``which`` ("best" or "latest") checkpoint of ``workdir`` to ``out``.
+
+    ``overrides`` (``--config.KEY=VALUE``) change the run's saved config, e.g. ``data.path``
+    when its data moved.
+    """
+    from research.eval.evaluate import load_run
+
+    out, workdir = Path(out), Path(workdir)
+    _check_out(out, force)
+    run = load_run(workdir, overrides, which=which)
+    record = json.loads((workdir / "run.json").read_text())
+    source = {
+        "workdir": str(workdir.resolve()),
+        "checkpoint": which,
+        "checkpoint_step": run.step,
+        "commit": record.get("commit", "unknown"),
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.export-"))
+    try:
+        manifest = write_export(staging, run, source)
+        _move_into_place(staging, out)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    parts = ", ".join(f"{p}/" for p in manifest["parts"])
+    print(
+        f"Exported step {run.step} of {workdir} to {out}: {parts}, {CONDITIONING_FILE} "
+        f"({len(manifest['conditioning'])} tensors), {MANIFEST}"
+    )
+    return out
+
+
+def _move_into_place(staging: Path, out: Path) -> None:
+    """Rename ``staging`` to ``out``; an existing ``out`` is removed only once that is done."""
+    if not out.exists():
+        os.replace(staging, out)
+        return
+    old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.replaced-"))
+    os.replace(out, old / out.name)
+    os.replace(staging, out)
+    shutil.rmtree(old)
+
+
+def read_manifest(folder: str | Path) -> dict[str, Any]:
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: is {folder} a `research export` folder?")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise hf.CheckpointError(f"{path}: invalid JSON at line {err.lineno}: {err.msg}") from err
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise hf.CheckpointError(
+            f"{path}: format_version={manifest.get('format_version')!r}; "
+            f"this code reads version {FORMAT_VERSION}"
+        )
+    return manifest
+
+
+def load_export(folder: str | Path) -> ExportedRun:
+    """The generator of an export folder and all its parameters, from its files alone."""
+    from safetensors.numpy import load_file
+
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    cfg = from_json_dict(manifest["config"])
+    cfg.init.decoder = cfg.data.decoder_tokenizer = str(folder / "decoder")
+    if "encoder" in manifest["parts"]:
+        cfg.init.encoder = cfg.data.encoder_tokenizer = str(folder / "encoder")
+    else:
+        cfg.init.encoder = ""
+    users, items = manifest["users"], manifest["items"]
+    model, _ = build_generator(cfg, len(users), len(items))
+    flat = {}
+    for part in manifest["parts"]:
+        _, params = load_part(folder / part, part)
+        flat.update(
+            {f"{part}/{k}": v for k, v in traverse_util.flatten_dict(params, sep="/").items()}
+        )
+    flat.update(load_file(str(folder / CONDITIONING_FILE)))
+    expected = traverse_util.flatten_dict(
+        jax.eval_shape(lambda: init_generator(model, jax.random.key(0))), sep="/"
+    )
+    problems = [f"missing {k}" for k in sorted(expected.keys() - flat.keys())]
+    problems += [f"unexpected {k}" for k in sorted(flat.keys() - expected.keys())]
+    problems += [
+        f"{k} has shape {tuple(flat[k].shape)}, the model needs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in flat and tuple(flat[k].shape) != tuple(v.shape)
+    ]
+    if problems:
+        raise hf.CheckpointError(f"{folder}: export does not fit its config: {problems[:5]}")
+    params = traverse_util.unflatten_dict(
+        {k: jax.numpy.asarray(v, jax.numpy.float32) for k, v in flat.items()}, sep="/"
+    )
+    return ExportedRun(cfg, model, params, users, items, manifest)
