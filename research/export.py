@@ -19,7 +19,7 @@ The export folder (format version 1) holds:
     layout: a Dense kernel is ``[in, out]``.
 ``export.json``
     ``format_version``; ``config``, the run's resolved config; ``source`` (workdir, checkpoint
-    step, the run's commit); ``parts``, the Hugging Face subfolders present; ``users`` and
+    step, the run's ``git_commit``); ``parts``, the Hugging Face subfolders present; ``users`` and
     ``items``, raw ids in table order (index 0 stands for "unseen in training"); ``conditioning``,
     the shape of every tensor of ``conditioning.safetensors``.
 
@@ -43,6 +43,7 @@ import jax
 import ml_collections
 import numpy as np
 from flax import traverse_util
+from safetensors.numpy import load_file, save_file
 
 from research.config import from_json_dict
 from research.data import tokenizers
@@ -50,6 +51,7 @@ from research.models import families, hf
 from research.models.build import build_generator
 from research.models.generator import Generator, init_generator, load_part
 from research.runs import hf_part
+from research.train.run_log import read_run_record
 
 FORMAT_VERSION = 1
 MANIFEST = "export.json"
@@ -100,8 +102,6 @@ def write_export(folder: Path, run, source: dict[str, Any]) -> dict[str, Any]:
         _part_tokenizer(run.cfg, top).save_pretrained(str(folder / top))
         rest.update({f"{top}/{k}": v for k, v in outside.items()})
         parts.append(top)
-    from safetensors.numpy import save_file
-
     tensors = {k: np.ascontiguousarray(v, np.float32) for k, v in sorted(rest.items())}
     save_file(tensors, str(folder / CONDITIONING_FILE))
     manifest = {
@@ -134,12 +134,11 @@ def export_run(
     out, workdir = Path(out), Path(workdir)
     _check_out(out, force)
     run = load_run(workdir, overrides, which=which)
-    record = json.loads((workdir / "run.json").read_text())
     source = {
         "workdir": str(workdir.resolve()),
         "checkpoint": which,
         "checkpoint_step": run.step,
-        "commit": record.get("commit", "unknown"),
+        "git_commit": read_run_record(workdir)["git_commit"],
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.export-"))
@@ -186,8 +185,6 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
 
 def load_export(folder: str | Path) -> ExportedRun:
     """The generator of an export folder and all its parameters, from its files alone."""
-    from safetensors.numpy import load_file
-
     folder = Path(folder)
     manifest = read_manifest(folder)
     cfg = from_json_dict(manifest["config"])

@@ -10,7 +10,6 @@ new run started from ``OUT/decoder``.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -38,10 +37,12 @@ def run_workdir(source: str) -> Path:
 def tokenizer_source(source: str, part: str) -> str:
     """The tokenizer folder that goes with ``init.<part>=source``: the folder itself, or for
     ``run:WORKDIR`` the tokenizer that run used (its ``data.<part>_tokenizer``; "" = default)."""
+    from research.train.run_log import current_config, read_run_record
+
     if not is_run_source(source):
         return source
-    record = json.loads((run_workdir(source) / "run.json").read_text())
-    return record["config"]["data"][f"{part}_tokenizer"]
+    record = read_run_record(run_workdir(source))
+    return current_config(record)["data"][f"{part}_tokenizer"]
 
 
 def hf_part(params: dict[str, Any], config: Any) -> tuple[dict[str, Any], dict[str, Any]]:
