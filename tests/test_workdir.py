@@ -12,18 +12,21 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import jax
+import numpy as np
 import pytest
 
 from research import cli
 from research.config import load_config
 from research.eval.evaluate import run_config
 from research.train.checkpoint import CORRUPT_SUBDIR, Checkpointer
+from research.train.frozen_init import FrozenSourceChanged
 from research.train.run_log import read_metrics, structural_hash
 
 REPO = Path(__file__).resolve().parents[1]
@@ -260,3 +263,93 @@ def test_evaluation_reads_the_parameters_alone_also_from_old_layout_checkpoints(
     for (path, got), (_, want) in zip(old_leaves, new_leaves, strict=True):
         assert got.dtype == want.dtype and got.tobytes() == want.tobytes(), path
     assert snapshot(old) == before  # read-only
+
+
+# ----------------------------------------------------------------------------- frozen from init
+
+
+@pytest.fixture
+def frozen_encoder_folder(tmp_path, minilm_folder) -> Path:
+    """A tiny random BERT written by transformers, with MiniLM's tokenizer files beside it."""
+    import torch
+    import transformers
+
+    folder = tmp_path / "tiny_bert"
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64
+    )
+    transformers.BertModel(config).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        if (minilm_folder / name).exists():
+            shutil.copy(minilm_folder / name, folder / name)
+    return folder
+
+
+def test_frozen_init_encoder_is_left_out_and_resume_stays_exact(frozen_encoder_folder, tmp_path):
+    """The encoder trains in no stage and comes whole from ``init.encoder``: no checkpoint
+    holds it (nor optimizer state for it), resuming is bitwise exact, evaluation loads it from
+    the folder, and a changed folder is an error naming it."""
+    import orbax.checkpoint as ocp
+
+    from research.eval.evaluate import load_run
+    from research.train.frozen_init import load_source
+
+    folder = frozen_encoder_folder
+    overrides = (
+        *RUN,
+        ("model.conditioning", "prefix"),
+        ("init.encoder", str(folder)),
+        ("train.trainable", "('decoder', 'conditioning')"),
+    )
+    full = tmp_path / "full"
+    assert cli.main(train_argv(full, overrides)) == 0
+    step_dir = full.resolve() / "checkpoints" / str(STEPS)
+    with Checkpointer(full, read_only=True) as checkpoints:
+        params = checkpoints.restore_params(STEPS)
+        meta = checkpoints.restore_meta(STEPS)
+    assert sorted(params) == ["conditioning_prefix", "decoder"]
+    recorded = meta["frozen_from_init"]["encoder"]
+    assert recorded["folder"] == str(folder) and len(recorded["sha256"]) == 64
+    with ocp.StandardCheckpointer() as reader:
+        opt_paths = ocp.tree.to_flat_dict(reader.metadata(step_dir / "state").item_metadata.tree)
+    assert opt_paths and not [path for path in opt_paths if "encoder" in path]
+
+    # Resumed from step 2: step 3 bitwise equal to the uninterrupted run's.
+    resumed = tmp_path / "resumed"
+    shutil.copytree(full, resumed)
+    shutil.rmtree(resumed / "checkpoints" / str(STEPS))
+    assert cli.main(train_argv(resumed, overrides)) == 0
+    runs = {
+        name: load_run(workdir, which="latest")
+        for name, workdir in (("full", full), ("resumed", resumed))
+    }
+    source = load_source(str(folder), "encoder")
+    for run in runs.values():
+        assert run.step == STEPS
+        assert sorted(run.params) == ["conditioning_prefix", "decoder", "encoder"]
+    flat = {name: jax.tree_util.tree_leaves_with_path(run.params) for name, run in runs.items()}
+    for (path, got), (_, want) in zip(flat["resumed"], flat["full"], strict=True):
+        assert (
+            got.dtype == want.dtype and np.asarray(got).tobytes() == np.asarray(want).tobytes()
+        ), path
+    for (path, got), (_, want) in zip(
+        jax.tree_util.tree_leaves_with_path(runs["full"].params["encoder"]),
+        jax.tree_util.tree_leaves_with_path(source),
+        strict=True,
+    ):
+        assert np.asarray(got).tobytes() == want.tobytes(), path
+
+    # The folder's weights change: resuming and evaluating both refuse, naming the folder.
+    import torch
+    import transformers
+
+    torch.manual_seed(1)
+    transformers.BertModel(transformers.BertConfig.from_pretrained(folder)).save_pretrained(folder)
+    with pytest.raises(
+        FrozenSourceChanged, match=rf"^{re.escape(str(folder))}: checkpoint .* left out the encoder"
+    ):
+        load_run(full, which="latest")
+    before = snapshot(full)
+    assert cli.main(train_argv(full, (*overrides, ("train.steps", str(STEPS + 1))))) == 2
+    assert snapshot(full).keys() - {"run.json"} == before.keys() - {"run.json"}

@@ -28,6 +28,7 @@ from research.eval.tables import TABLE_METRICS
 from research.models.build import build_generator
 from research.models.generator import Generator, init_generator
 from research.sampling import SamplingConfig, generate_for_split
+from research.train import frozen_init
 from research.train.checkpoint import Checkpointer
 from research.train.run_log import (
     config_changes,
@@ -67,15 +68,19 @@ def restore_params(workdir: str | Path, model: Generator, which: str = "best"):
     """Parameters of the best (lowest validation loss) or latest checkpoint -> (params, step).
 
     Opens the checkpoints read-only (safe while a trainer saves) and reads only the
-    parameters, so neither the optimizer nor its settings matter.
+    parameters, so neither the optimizer nor its settings matter. Parts the checkpoint left
+    out (frozen, from an init folder) are loaded from that folder, which must be unchanged.
     """
     with Checkpointer(workdir, read_only=True) as checkpoints:
         step = checkpoints.best_step() if which == "best" else None
         step = step if step is not None else checkpoints.latest_step()
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {checkpoints.directory}; train first")
+        left_out = checkpoints.restore_meta(step).get(frozen_init.META_KEY, {})
         target = jax.eval_shape(lambda: init_generator(model, jax.random.key(0)))
-        return checkpoints.restore_params(step, target), step
+        params = checkpoints.restore_params(step, frozen_init.without(target, left_out))
+        where = f"checkpoint {checkpoints.directory / str(step)}"
+        return frozen_init.load_into(params, left_out, where), step
 
 
 def load_run(workdir: str | Path, overrides=(), which: str | None = None) -> LoadedRun:

@@ -33,7 +33,7 @@ from research.data.pipeline import Dataset, load_dataset_logged, subset_record
 from research.models.build import build_generator
 from research.models.generator import parameter_summary
 from research.progress import compile_log, progress_bar
-from research.train import distributed
+from research.train import distributed, frozen_init
 from research.train.checkpoint import Checkpointer
 from research.train.optim import learning_rate_schedule, make_optimizer, trainable_labels
 from research.train.run_log import (
@@ -127,6 +127,8 @@ class Trainer:
         self.model, self.initial_params = build_generator(
             cfg, dataset.num_users, dataset.num_items, init_key
         )
+        # Parts that stay as their init folder has them: checkpoints leave them out.
+        self.frozen = frozen_init.frozen_parts(cfg, self.initial_params)
         self.eval_step = make_eval_step(self.model)
 
     def optimizer(self, stage: int, first_step: int = 0):
@@ -234,7 +236,9 @@ def _start(cfg: ml_collections.ConfigDict, workdir: Path):
         # The optimizer state's structure depends on the stage, saved in meta.
         saved = meta["progress"]
         tx = trainer.optimizer(saved["stage"], saved.get("stage2_start", 0))
-        return jax.eval_shape(lambda p: init_state(p, tx), trainer.initial_params)
+        target = jax.eval_shape(lambda p: init_state(p, tx), trainer.initial_params)
+        left_out = meta.get(frozen_init.META_KEY, {})
+        return {**target, "params": frozen_init.without(target["params"], left_out)}
 
     resumed = checkpoints.restore_newest(target_for)
     start = None
@@ -244,7 +248,11 @@ def _start(cfg: ml_collections.ConfigDict, workdir: Path):
             print(parameter_summary(trainer.initial_params, _trainable(cfg, progress.stage)))
     else:
         start, state, meta = resumed
-        _check_config_hash(cfg, meta, checkpoints.directory / str(start))
+        where = checkpoints.directory / str(start)
+        _check_config_hash(cfg, meta, where)
+        left_out = meta.get(frozen_init.META_KEY, {})
+        frozen_init.check_unchanged(left_out, trainer.frozen, f"checkpoint {where}")
+        state["params"] |= {part: trainer.initial_params[part] for part in left_out}
         progress = Progress(**meta["progress"])
         data.restore(progress.data)
         if primary:
@@ -343,13 +351,15 @@ def _run(cfg, workdir, trainer, checkpoints, progress, data, tx, state, step):
         if step in checkpoints.all_steps() or not (force or checkpoints.should_save(step)):
             return
         step_metrics.fetch()  # a diverged step must not be saved
+        kept = {**state, "params": frozen_init.without(state["params"], trainer.frozen)}
         checkpoints.save(
             step,
-            _host(state),
+            _host(kept),
             {
                 "progress": dataclasses.asdict(progress),
                 "seed": cfg.seed,
                 "config_hash": config_hash,
+                frozen_init.META_KEY: trainer.frozen,
             },
             val_loss=val_loss,
             force=True,  # decided above
