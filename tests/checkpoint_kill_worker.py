@@ -2,9 +2,10 @@
 
     python -m tests.checkpoint_kill_worker WORKDIR
 
-Each run opens a fresh ``Checkpointer``, restores every step on disk and checks it bitwise
-against ``expected_state(step)`` (exit code 1 on a mismatch), prints ``restored <latest>`` (or
-``restored none``), then saves steps latest+1, latest+2, ... printing ``saving <step>`` before and
+Each run opens a fresh ``Checkpointer`` and prints ``opening``, restores the newest intact step
+(moving damaged newer ones aside, as the train loop does), restores every step on disk and
+checks it bitwise against ``expected_state(step)`` (exit code 1 on a mismatch), prints
+``restored <latest>`` (or ``restored none``), then saves steps latest+1, latest+2, ... printing ``saving <step>`` before and
 ``saved <step> <seconds>`` after each save, until the parent test kills it with SIGKILL (or after
 ``MAX_SAVES``, should the parent be gone).
 """
@@ -73,6 +74,8 @@ def verify_all_steps(ckpt: Checkpointer) -> None:
 
 def main() -> int:
     ckpt = Checkpointer(sys.argv[1], keep_last=KEEP_LAST)
+    print("opening", flush=True)
+    ckpt.restore_newest(lambda meta: expected_state(meta["data_position"] // 7))
     verify_all_steps(ckpt)
     latest = ckpt.latest_step()
     print(f"restored {latest if latest is not None else 'none'}", flush=True)

@@ -410,7 +410,9 @@ def _kill_lane(workdir: Path, delays: list[float], log: Path) -> list[dict]:
             )
         watchdog = threading.Timer(300, proc.kill)  # never hang the suite; slow when loaded
         watchdog.start()
-        lines = [proc.stdout.readline().strip(), proc.stdout.readline().strip()]
+        lines = [proc.stdout.readline().strip() for _ in range(3)]
+        assert lines[0] == "opening", f"worker failed (see {log}): {lines}"
+        lines = lines[1:]
         assert lines[1].startswith("saving "), f"worker failed (see {log}): {lines}"
         time.sleep(delay)
         proc.send_signal(signal.SIGKILL)
@@ -464,3 +466,59 @@ def test_sigkill_at_any_moment_leaves_a_restorable_checkpoint(tmp_path):
             inside_save += killed["in_flight"] is not None
         assert any(run["restored"] and run["saved"] for run in runs), "no save after a restore"
     assert inside_save >= 5, f"only {inside_save} of {len(delays)} kills landed inside a save"
+
+
+@pytest.mark.slow
+def test_sigkill_during_fallback_and_moving_aside_loses_nothing(tmp_path):
+    """The newest step is damaged before each worker run; the worker falls back, moves it to
+    ``corrupt/`` and goes on saving, and is killed at moments from right after it opened the
+    checkpoints (inside the fallback) to well after it (inside later saves). After every kill
+    the damaged step is in exactly one place, byte for byte, and the step before it restores."""
+    workdir, log = tmp_path / "lane", tmp_path / "worker.log"
+    with Checkpointer(workdir, keep_last=KEEP_LAST) as ckpt:
+        for step in (1, 2):
+            ckpt.save(step, expected_state(step), expected_meta(step))
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    command = [sys.executable, "-m", "tests.checkpoint_kill_worker", str(workdir)]
+    directory, outcomes = workdir / "checkpoints", []
+    for delay in (0.0, 0.05, 0.2, 0.5, 1.5):
+        with Checkpointer(workdir, read_only=True) as ckpt:
+            newest = ckpt.latest_step()
+        _truncate(_biggest_file(directory / str(newest) / "params"))
+        damaged = _tree_bytes(directory / str(newest))
+        corrupt_before = set(os.listdir(directory / CORRUPT_SUBDIR)) if outcomes else set()
+        with log.open("a") as stderr:
+            proc = subprocess.Popen(
+                command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True
+            )
+        watchdog = threading.Timer(300, proc.kill)
+        watchdog.start()
+        assert proc.stdout.readline().strip() == "opening", f"worker failed (see {log})"
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        watchdog.cancel()
+        moved = (
+            set(os.listdir(directory / CORRUPT_SUBDIR)) - corrupt_before
+            if (directory / CORRUPT_SUBDIR).exists()
+            else set()
+        )
+        in_place = (directory / str(newest)).exists() and not moved
+        assert in_place or len(moved) == 1, (delay, moved)
+        if moved:
+            assert _tree_bytes(directory / CORRUPT_SUBDIR / moved.pop()) == damaged, delay
+        else:
+            assert _tree_bytes(directory / str(newest)) == damaged, delay
+        outcomes.append("in place" if in_place else "moved")
+        # What the next run (or the train loop) finds: an intact step, bitwise. It saves the
+        # next step, so the next round has an intact step below the one it damages.
+        with Checkpointer(workdir, keep_last=KEEP_LAST) as ckpt:
+            step, state, _ = ckpt.restore_newest(
+                lambda meta: expected_state(meta["data_position"] // 7)
+            )
+            assert_bitwise_equal(state, expected_state(step), f"after the kill at {delay} s")
+            assert step >= newest - 1
+            verify_all_steps(ckpt)
+            ckpt.save(step + 1, expected_state(step + 1), expected_meta(step + 1))
+    print("outcomes:", outcomes)
+    assert "in place" in outcomes and "moved" in outcomes, outcomes

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import importlib.metadata
 import json
 import logging
@@ -276,12 +277,18 @@ def state_target(conditioning: str, stage: int) -> dict:
 def restore(
     workdir: Path, step: int | None = None, conditioning: str = "id_prompt"
 ) -> tuple[int, dict, dict]:
-    """``(step, state, meta)`` of ``step`` (default: the latest) through the real Checkpointer."""
+    """``(step, state, meta)`` of ``step`` (default: the newest intact one, as a resume finds
+    it) through the real Checkpointer."""
+
+    def target(meta: dict) -> dict:
+        return state_target(conditioning, meta["progress"]["stage"])
+
     with Checkpointer(workdir) as checkpoints:
-        step = checkpoints.latest_step() if step is None else step
-        assert step is not None, f"no checkpoint in {workdir}"
-        stage = checkpoints.restore_meta(step)["progress"]["stage"]
-        state, meta = checkpoints.restore(step, target=state_target(conditioning, stage))
+        if step is None:
+            resumed = checkpoints.restore_newest(target)
+            assert resumed is not None, f"no checkpoint in {workdir}"
+            return resumed
+        state, meta = checkpoints.restore(step, target=target(checkpoints.restore_meta(step)))
     return step, state, meta
 
 
@@ -346,6 +353,9 @@ class Kill:
     inside_save: bool  # a temporary checkpoint directory was left behind
     restored_step: int | None  # the latest checkpoint afterwards (None: there is none)
     state_step: int | None  # the step counter inside that checkpoint's state
+    damaged: int | None = None  # "fallback": the step damaged before the run
+    damaged_files: dict | None = None  # its files' digests, as damaged
+    moved: bool = False  # the run had moved it to corrupt/ when the kill landed
 
 
 @dataclasses.dataclass
@@ -366,8 +376,32 @@ class Interrupted:
 # (trigger, seconds after it). "saving": a new step's checkpoint is being written (the kill lands
 # inside the save; the first one inside the run's very first save, so no checkpoint exists yet);
 # "checkpoint": the checkpoint of step FIRST_KILL_STEP (or a later one) exists; "trained": a new
-# step's checkpoint is complete.
-KILLS = (("saving", 0.0), ("checkpoint", 0.0), ("saving", 0.02), ("trained", 0.05))
+# step's checkpoint is complete; "fallback": the newest checkpoint was damaged before the run
+# started, and the run has said it does not restore (the kill lands while it falls back to the
+# step before, or while it moves the damaged one aside).
+KILLS = (
+    ("saving", 0.0),
+    ("checkpoint", 0.0),
+    ("fallback", 0.0),
+    ("saving", 0.02),
+    ("trained", 0.05),
+)
+
+
+def damage(step_dir: Path) -> dict[str, str]:
+    """Truncate the step's largest parameter file (a disk error); returns the files' digests."""
+    biggest = max((p for p in (step_dir / "params").rglob("*") if p.is_file()), key=os.path.getsize)
+    with biggest.open("r+b") as f:
+        f.truncate(biggest.stat().st_size // 2)
+    return digests(step_dir)
+
+
+def digests(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 class NewSaves:
@@ -388,7 +422,9 @@ class NewSaves:
         return saving - self.leftovers
 
 
-def kill_trigger(trigger: str, workdir: Path, resumed_from: int, saves: NewSaves):
+def kill_trigger(trigger: str, workdir: Path, resumed_from: int, saves: NewSaves, log: Path):
+    if trigger == "fallback":
+        return lambda: "does not restore" in log.read_text(errors="replace")
     if trigger == "checkpoint":
         return lambda: max(complete_steps(workdir), default=0) >= FIRST_KILL_STEP
     if trigger == "saving":
@@ -409,16 +445,32 @@ def interrupted_job(runs: Runs) -> Interrupted:
     for index, (trigger, delay) in enumerate(KILLS):
         log = runs.root / f"interrupted-kill{index}.log"
         saves = NewSaves(workdir)
+        damaged = max(complete_steps(workdir)) if trigger == "fallback" else None
+        damaged_files = damage(workdir / "checkpoints" / str(damaged)) if damaged else None
         proc = runs.start(command, log)
-        wait_until(proc, log, kill_trigger(trigger, workdir, resumed_from, saves), trigger)
+        wait_until(proc, log, kill_trigger(trigger, workdir, resumed_from, saves, log), trigger)
         time.sleep(delay)
         assert proc.poll() is None, f"the run ended before kill {index}:\n{tail(log)}"
         proc.send_signal(signal.SIGKILL)
         runs.finish(proc, log)
         inside_save = bool(saves())
+        moved = (
+            damaged is not None and (workdir / "checkpoints" / "corrupt" / str(damaged)).exists()
+        )
         if complete_steps(workdir):
             step, state, _ = restore_copy(workdir, runs.root / "restore-scratch")
-            kills.append(Kill(trigger, delay, inside_save, step, int(state["step"])))
+            kills.append(
+                Kill(
+                    trigger,
+                    delay,
+                    inside_save,
+                    step,
+                    int(state["step"]),
+                    damaged,
+                    damaged_files,
+                    moved,
+                )
+            )
             resumed_from = step
         else:
             kills.append(Kill(trigger, delay, inside_save, None, None))
@@ -427,7 +479,7 @@ def interrupted_job(runs: Runs) -> Interrupted:
     for signum in (signal.SIGINT, signal.SIGTERM):
         log = runs.root / f"interrupted-{signum.name}.log"
         proc = runs.start(command, log)
-        trained = kill_trigger("trained", workdir, resumed_from, NewSaves(workdir))
+        trained = kill_trigger("trained", workdir, resumed_from, NewSaves(workdir), log)
         wait_until(proc, log, trained, "a new step")
         proc.send_signal(signum)
         stopped = runs.finish(proc, log)
@@ -681,9 +733,26 @@ def test_every_kill_leaves_a_restorable_checkpoint(interrupted_run):
     assert "Resuming" not in log
     for kill in later:
         assert kill.restored_step is not None and kill.state_step == kill.restored_step, kill
-    restored = [kill.restored_step for kill in later]
+    # Only a fallback goes back: to the step before the one it found damaged.
+    restored = [kill.restored_step for kill in later if kill.trigger != "fallback"]
     assert restored == sorted(restored), f"a kill lost progress: {kills}"
     assert sum(kill.inside_save for kill in kills) >= 2, f"kills inside a save: {kills}"
+
+
+def test_a_kill_during_fallback_loses_nothing(interrupted_run):
+    """Killed while falling back past a damaged checkpoint (before or after moving it aside):
+    the next run resumes from the step before the damaged one, which ends up, byte for byte,
+    in checkpoints/corrupt/ (and the run still ends bitwise right: first test)."""
+    run = interrupted_run
+    index, kill = next((i, k) for i, k in enumerate(run.kills) if k.trigger == "fallback")
+    print("fallback kill:", kill)
+    assert kill.restored_step == kill.damaged - 1, kill
+    following = (run.workdir.parent / f"interrupted-kill{index + 1}.log").read_text()
+    assert f"Resuming {run.workdir} from step {kill.damaged - 1} " in following
+    assert ("does not restore" in following) is not kill.moved  # moved once, by one of them
+    assert (
+        digests(run.workdir / "checkpoints" / "corrupt" / str(kill.damaged)) == kill.damaged_files
+    )
 
 
 @pytest.mark.parametrize("name, next_run", [("SIGINT", "SIGTERM"), ("SIGTERM", "final")])
