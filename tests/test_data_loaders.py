@@ -6,12 +6,13 @@ from __future__ import annotations
 import gzip
 import json
 import pickle
+import re
 from pathlib import Path
 
 import pytest
 
 from research.data.config import data_config
-from research.data.loaders import BadRowError, load_records
+from research.data.loaders import BadRowError, DataFileError, load_records
 from research.data.records import Review
 from research.data.safe_pickle import UnsafePickleError, restricted_load, restricted_loads
 
@@ -501,3 +502,55 @@ def test_amazon_musical_instruments_counts():
     # By default the first empty text stops loading, naming its line.
     with pytest.raises(BadRowError, match=rf"{path}:2928: empty text: field 'reviewText'"):
         load_records(config("amazon", path))
+
+
+def test_restricted_unpickler_allocates_nothing_larger_than_the_file():
+    """``bytearray(2**30)`` as a 28-byte pickle: refused before it allocates (it would be 1 GiB)."""
+    payload = b"cbuiltins\nbytearray\nJ\x00\x00\x00@\x85R."  # GLOBAL, BININT 2**30, TUPLE1, REDUCE
+    assert len(payload) == 28
+    with pytest.raises(UnsafePickleError, match=r"refused to load global 'builtins\.bytearray'"):
+        restricted_loads(payload)
+    # Protocol 5 writes a bytearray with an opcode, from bytes that are in the file: allowed.
+    assert restricted_loads(pickle.dumps([bytearray(b"abc")], protocol=5)) == [bytearray(b"abc")]
+
+
+# ---------------------------------------------------------------------------------------------
+# Damaged files: an error naming the file (and the last complete line), never a bare EOFError.
+
+
+@pytest.mark.parametrize("on_bad_row", ["error", "skip"])
+@pytest.mark.parametrize("source", ["amazon", "csv"])
+def test_truncated_gzip_names_the_file_and_its_last_complete_line(tmp_path, source, on_bad_row):
+    if source == "amazon":
+        raw = b"".join(json.dumps(amazon_2014(user=f"A{i}")).encode() + b"\n" for i in range(200))
+    else:
+        raw = b"user,item,text\n" + b"".join(f"u{i},i{i},text {i}\n".encode() for i in range(2000))
+    compressed = gzip.compress(raw)
+    path = tmp_path / f"reviews.{source}.gz"
+    path.write_bytes(compressed[: len(compressed) * 2 // 3])
+    cfg = config(source, path, on_bad_row=on_bad_row)
+    if source == "csv":
+        cfg.columns.update(user="user", item="item", text="text", rating="")
+    with pytest.raises(DataFileError) as raised:
+        load_records(cfg)
+    message = str(raised.value)
+    match = re.match(
+        rf"{re.escape(str(path))}: the compressed file is truncated or damaged after line (\d+),",
+        message,
+    )
+    assert match, message
+    # The named line is complete: it and every line before it decompress from the truncated file.
+    last = int(match.group(1))
+    readable = gzip.decompress(compressed)[: len(raw)].splitlines(keepends=True)[:last]
+    with gzip.open(path) as file:
+        head = [file.readline() for _ in range(last)]
+    assert head == readable and head[-1].endswith(b"\n") and last > 1
+
+
+def test_a_directory_as_data_path_says_so(tmp_path):
+    with pytest.raises(
+        DataFileError, match=rf"data file {re.escape(str(tmp_path))} is a directory \(data\.path\)"
+    ):
+        load_records(config("amazon", tmp_path))
+    with pytest.raises(DataFileError, match="is a directory"):
+        load_records(config("pepler", tmp_path))

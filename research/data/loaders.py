@@ -20,7 +20,10 @@ Timestamps (every source) are epoch seconds, ISO 8601 text, or text in the strpt
 ``data.timestamp_format`` (see ``parse_timestamp``); zoneless times are UTC.
 
 JSON-lines and CSV files may be gzip-compressed (detected from the content). Lines are
-numbered from 1 (a CSV header is line 1); pickle records by their list position.
+numbered from 1 (a CSV header is line 1); pickle records by their list position. A compressed
+file that ends early or is damaged is a :class:`DataFileError` naming the file and its last
+complete line, also under ``data.on_bad_row=skip``: a truncated file is not a bad row, and
+skipping would quietly train on part of the data.
 
 Bad rows: ``missing_field`` (absent or null), ``empty_text`` (the target text is empty or
 blank), ``wrong_type``, ``invalid_utf8``, ``invalid_json``, and for CSV ``malformed_row`` (a
@@ -36,6 +39,7 @@ import gzip
 import io
 import json
 import math
+import zlib
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -60,6 +64,21 @@ CSV_FEATURE_SEPARATOR = "|"
 
 class BadRowError(ExpectedError, ValueError):
     """A bad row under ``data.on_bad_row=error``; the message names file, line and field."""
+
+
+class DataFileError(ExpectedError):
+    """A data file that cannot be read whole (truncated, damaged, a directory); names it."""
+
+
+# What a gzip stream that ends early or holds garbage raises while it is read.
+_DAMAGED_STREAM = (EOFError, zlib.error, gzip.BadGzipFile)
+
+
+def _damaged(path: Path, last_complete: int, error: Exception) -> DataFileError:
+    return DataFileError(
+        f"{path}: the compressed file is truncated or damaged after line {last_complete}, its "
+        f"last complete line ({error}); restore the whole file (a partial file is not skipped)"
+    )
 
 
 class _BadRow(Exception):
@@ -337,10 +356,16 @@ def _pepler_row(row) -> Review:
 # File readers.
 
 
+def _check_file(path: Path, key: str = "data.path") -> None:
+    if path.is_dir():
+        raise DataFileError(f"data file {path} is a directory ({key}); name the file in it")
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {path} does not exist ({key})")
+
+
 def _open_binary(path: Path) -> BinaryIO:
     """The file's bytes, decompressed when it is gzip; streamed, so any size fits in memory."""
-    if not path.is_file():
-        raise FileNotFoundError(f"data file {path} does not exist (data.path)")
+    _check_file(path)
     with path.open("rb") as file:
         compressed = file.read(2) == _GZIP_MAGIC
     return gzip.open(path, "rb") if compressed else path.open("rb")
@@ -349,7 +374,15 @@ def _open_binary(path: Path) -> BinaryIO:
 def _json_lines(path: Path) -> Iterator[tuple[int, dict | _BadRow]]:
     """(line number, parsed object or the problem) for each non-blank line."""
     with _open_binary(path) as file:
-        for number, line in enumerate(file, start=1):
+        lines = enumerate(file, start=1)
+        number = 0
+        while True:
+            try:
+                number, line = next(lines)
+            except StopIteration:
+                return
+            except _DAMAGED_STREAM as error:
+                raise _damaged(path, number, error) from None
             if not line.strip():
                 continue
             try:
@@ -394,6 +427,8 @@ def _csv_rows(path: Path, columns) -> Iterator[tuple[int, dict | _BadRow]]:
                 cells = next(reader)
             except StopIteration:
                 return
+            except _DAMAGED_STREAM as error:
+                raise _damaged(path, previous_end, error) from None
             except csv.Error as error:  # e.g. a cell over the csv module's size limit
                 start, previous_end = previous_end + 1, reader.line_num
                 yield start, _BadRow("malformed_row", str(error))
@@ -444,8 +479,7 @@ def _read_index(path: Path, num_rows: int) -> list[int]:
 
 def _load_pepler(cfg, report: BadRowReport) -> LoadedData:
     path = Path(cfg.path)
-    if not path.is_file():
-        raise FileNotFoundError(f"data file {path} does not exist (data.path)")
+    _check_file(path)
     rows = restricted_load(path)
     if not isinstance(rows, list):
         raise ValueError(f"{path}: expected a list of review dicts, got a {_type_name(rows)}")

@@ -4,9 +4,14 @@ Unpickling runs code: a pickle may name any importable callable and have it call
 come from strangers, so we load them with an unpickler that resolves no global except the
 built-in container and scalar types a list of review dicts needs. Lists, dicts, tuples,
 strings, numbers, booleans and None are encoded by pickle opcodes and need no global at all;
-``set``/``frozenset``/``bytearray``/``complex`` are rebuilt through their builtins (in old
-protocols). Anything else, a function or a class, raises ``UnsafePickleError`` before it runs
-(this includes ``bytes`` in protocol 0-2 pickles, which are rebuilt through ``_codecs.encode``).
+``set``/``frozenset``/``complex`` are rebuilt through their builtins (in old protocols).
+Anything else, a function or a class, raises ``UnsafePickleError`` before it runs (this
+includes ``bytes`` in protocol 0-2 pickles, which are rebuilt through ``_codecs.encode``).
+
+Memory cap: nothing the unpickler builds is larger than a small multiple of the pickle's own
+size. Every opcode builds from bytes present in the file, and no allowed global takes a size:
+``bytearray`` is refused because ``bytearray(2**30)`` is a 28-byte pickle that allocates 1 GiB.
+(Protocol 5's ``BYTEARRAY8`` opcode still works: it copies bytes that are in the file.)
 """
 
 from __future__ import annotations
@@ -15,9 +20,10 @@ import io
 import pickle
 from pathlib import Path
 
+_ALLOWED_NAMES = ("set", "frozenset", "complex")
 _ALLOWED_GLOBALS = frozenset(
-    ("builtins", name) for name in ("set", "frozenset", "bytearray", "complex")
-) | frozenset(("__builtin__", name) for name in ("set", "frozenset", "bytearray", "complex"))
+    (module, name) for module in ("builtins", "__builtin__") for name in _ALLOWED_NAMES
+)
 
 
 class UnsafePickleError(pickle.UnpicklingError):
