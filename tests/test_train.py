@@ -733,9 +733,12 @@ def test_every_kill_leaves_a_restorable_checkpoint(interrupted_run):
     assert "Resuming" not in log
     for kill in later:
         assert kill.restored_step is not None and kill.state_step == kill.restored_step, kill
-    # Only a fallback goes back: to the step before the one it found damaged.
-    restored = [kill.restored_step for kill in later if kill.trigger != "fallback"]
-    assert restored == sorted(restored), f"a kill lost progress: {kills}"
+    # No kill loses progress; only a fallback goes back, to the step before the damaged one.
+    for before, after in zip(later, later[1:], strict=False):
+        if after.trigger == "fallback":
+            assert after.restored_step == after.damaged - 1, kills
+        else:
+            assert after.restored_step >= before.restored_step, f"a kill lost progress: {kills}"
     assert sum(kill.inside_save for kill in kills) >= 2, f"kills inside a save: {kills}"
 
 
