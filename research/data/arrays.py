@@ -78,7 +78,7 @@ class TokenizedSplit:
     ``user``/``item`` int32 [n] (0 = not seen in training); ``decoder`` rows are
     BOS + target tokens + EOS; ``encoder`` rows are [CLS] ... [SEP] (None without an encoder
     input); ``target_texts`` the untruncated targets; ``target_token_counts`` int64 [n] their
-    GPT-2 lengths before the cut to ``max_target_tokens``.
+    lengths in decoder tokens before the cut to ``max_target_tokens``.
     """
 
     name: str

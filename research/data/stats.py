@@ -34,7 +34,7 @@ def data_stats(data_cfg: ml_collections.ConfigDict) -> str:
             if name != "train"
         ),
         _length_line(
-            f"target ({cfg.target}) GPT-2 tokens before the cut",
+            f"target ({cfg.target}) decoder tokens before the cut",
             np.concatenate([s.target_token_counts for s in splits]),
             cfg.max_target_tokens,
             "longer than",
