@@ -104,7 +104,9 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("data", help="data utilities")
     data_sub = p.add_subparsers(dest="data_command", required=True)
-    stats = data_sub.add_parser("stats", help="users, items, split sizes, lengths, bad rows")
+    stats = data_sub.add_parser(
+        "stats", help="users, items, split sizes, lengths, bad rows", epilog=OVERRIDES_HELP
+    )
     stats.add_argument("--config", default=None)
 
     p = sub.add_parser("params", help="print the parameter summary of a config's model")

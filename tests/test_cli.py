@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -11,13 +12,31 @@ from research import cli
 from research.config import load_config
 
 TINY = str(Path(__file__).parent / "configs" / "tiny.py")
-SUBCOMMANDS = ("train", "generate", "evaluate", "ablate", "config", "params", "bench", "demo")
+
+
+def _subcommands(parser: argparse.ArgumentParser, prefix: str = "") -> list[str]:
+    """Every leaf subcommand of the parser, e.g. "train" and "data stats"."""
+    actions = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not actions:
+        return [prefix.strip()]
+    return [
+        name
+        for choice, sub in actions[0].choices.items()
+        for name in _subcommands(sub, f"{prefix}{choice} ")
+    ]
+
+
+SUBCOMMANDS = _subcommands(cli._parser())
+
+
+def test_the_subcommand_list_is_read_from_the_parser():
+    assert {"train", "ablate", "config", "data stats"} <= set(SUBCOMMANDS)
 
 
 @pytest.mark.parametrize("command", SUBCOMMANDS)
 def test_every_subcommand_help_lists_options_and_overrides(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        cli.main([command, "--help"])
+        cli.main([*command.split(), "--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert "--config.KEY=VALUE" in out and "options:" in out
