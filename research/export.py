@@ -157,7 +157,13 @@ def export_run(
 
 
 def _move_into_place(staging: Path, out: Path) -> None:
-    """Rename ``staging`` to ``out``; an existing ``out`` is removed only once that is done."""
+    """Rename ``staging`` to ``out``; an existing ``out`` is removed only once that is done.
+
+    The export is for sharing: readable by all, as a copied folder would be (the temporary
+    names it was written under are private).
+    """
+    for path in (staging, *staging.rglob("*")):
+        path.chmod(0o755 if path.is_dir() else 0o644)
     if not out.exists():
         os.replace(staging, out)
         return

@@ -180,6 +180,7 @@ def test_nonempty_out_is_refused_unless_forced(trained, tmp_path, capsys):
         ["decoder", "encoder", CONDITIONING_FILE, MANIFEST]
     )
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no staging folder left behind
+    assert all(p.stat().st_mode & 0o044 == 0o044 for p in (out, *out.rglob("*")))  # shareable
 
 
 def test_workdir_without_checkpoints_is_one_line(trained, tmp_path, capsys):
