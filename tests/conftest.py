@@ -159,12 +159,9 @@ def minilm(minilm_folder):
     return hf.load_pretrained(minilm_folder)
 
 
-def write_tiny_llama(folder, seed: int = 0, **config) -> transformers.LlamaForCausalLM:
-    """Save a random Llama (TINY_LLAMA + ``config``) with its own tokenizer into ``folder``.
-
-    The tokenizer is a byte-level BPE (any text encodes) trained on the synthetic corpus'
-    words, with Llama's specials: ``<s>`` BOS, ``</s>`` EOS and no pad token.
-    """
+def train_byte_level_bpe(special_tokens: list[str]):
+    """A byte-level BPE (any text encodes) of 300 ids trained on the synthetic corpus' words,
+    ``special_tokens`` taking the first ids."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     from research.data.synthetic import ASPECTS, SUMMARIES, VOICES
@@ -176,12 +173,21 @@ def write_tiny_llama(folder, seed: int = 0, **config) -> transformers.LlamaForCa
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=300,
-        special_tokens=["<unk>", "<s>", "</s>"],
+        special_tokens=special_tokens,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     bpe.train_from_iterator(corpus, trainer)
+    return bpe
+
+
+def write_tiny_llama(folder, seed: int = 0, **config) -> transformers.LlamaForCausalLM:
+    """Save a random Llama (TINY_LLAMA + ``config``) with its own tokenizer into ``folder``:
+    Llama's specials, ``<s>`` BOS, ``</s>`` EOS and no pad token."""
     tokenizer = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+        tokenizer_object=train_byte_level_bpe(["<unk>", "<s>", "</s>"]),
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
     )
     hf_config = transformers.LlamaConfig(
         **{**TINY_LLAMA, **config},
@@ -191,6 +197,32 @@ def write_tiny_llama(folder, seed: int = 0, **config) -> transformers.LlamaForCa
     )
     torch.manual_seed(seed)
     model = randomise_(transformers.LlamaForCausalLM(hf_config), seed)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return model
+
+
+def write_tiny_roberta(folder, seed: int = 0) -> transformers.RobertaModel:
+    """Save a random 1-layer RoBERTa with a RoBERTa-style tokenizer into ``folder``:
+    ``<s>`` = 0 opens, ``<pad>`` = 1 pads, ``</s>`` = 2 closes."""
+    from tokenizers import processors
+
+    bpe = train_byte_level_bpe(["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+    bpe.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
+    specials = dict(bos_token="<s>", eos_token="</s>", unk_token="<unk>", mask_token="<mask>")
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=bpe, cls_token="<s>", sep_token="</s>", pad_token="<pad>", **specials
+    )
+    hf_config = transformers.RobertaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=80,
+    )
+    torch.manual_seed(seed)
+    model = randomise_(transformers.RobertaModel(hf_config), seed)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return model

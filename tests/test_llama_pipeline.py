@@ -29,7 +29,7 @@ from research.models.conditioning import needs_encoder, parse_conditioning
 from research.models.generator import GROUPS, Generator, GeneratorSpec, init_generator
 from research.train.optim import make_optimizer, trainable_labels
 from research.train.steps import init_state, make_train_step, replicate, shard
-from tests.conftest import TINY_LLAMA, randomise_
+from tests.conftest import TINY_LLAMA, randomise_, write_tiny_roberta
 
 TINY = "tests/configs/tiny.py"
 # The tiny BPE spends 13-16 tokens on a synthetic review (GPT-2: 10-11).
@@ -288,3 +288,33 @@ def test_quickstart_runs_on_a_llama_folder(tiny_llama_torch_and_folder, tmp_path
     assert cli.main(["evaluate", "--workdir", workdir, "--split", "test", *evaluate]) == 0
     samples = (tmp_path / "run" / "eval" / "test" / "samples.jsonl").read_text().splitlines()
     assert len(samples) == 8
+
+
+def test_a_roberta_folder_is_the_encoder(tiny_llama_torch_and_folder, tmp_path):
+    """``init.encoder=FOLDER`` (RoBERTa) brings its weights and its tokenizer: encoder rows
+    are ``<s> ... </s>`` in its ids, padded with its pad id 1, under a Llama decoder."""
+    reference = write_tiny_roberta(tmp_path / "roberta")
+    _, llama_folder = tiny_llama_torch_and_folder
+    overrides = [
+        ("init.decoder", str(llama_folder)),
+        ("init.encoder", str(tmp_path / "roberta")),
+        ("model.conditioning", "prefix"),
+        ("data.encoder_input", "features"),  # short rows: padding shows
+        *LLAMA_TARGETS,
+    ]
+    cfg = load_config(TINY, overrides)
+    assert cfg.data.encoder_tokenizer == str(tmp_path / "roberta")
+    dataset = load_dataset(cfg.data)
+    batch = next(iter(dataset.eval_iterator("train", 8)))
+    ids, mask = batch["encoder_ids"], batch["encoder_mask"]
+    lengths = mask.sum(1)
+    assert (ids[:, 0] == 0).all() and (ids[np.arange(8), lengths - 1] == 2).all()
+    assert (ids[mask == 0] == 1).all() and (mask == 0).any()
+    model, params = build_generator(cfg, dataset.num_users, dataset.num_items, jax.random.key(0))
+    word_embeddings = params["encoder"]["embeddings"]["word_embeddings"]["embedding"]
+    np.testing.assert_array_equal(
+        word_embeddings, reference.embeddings.word_embeddings.weight.detach().numpy()
+    )
+    logits = jax.jit(model.apply)({"params": params}, batch)
+    assert logits.shape == (*batch["decoder_ids"].shape, dataset.decoder_tokenizer.vocab_size)
+    assert np.isfinite(logits).all()
