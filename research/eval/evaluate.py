@@ -27,6 +27,7 @@ from research.eval.metrics import output_shape_metrics, text_metrics
 from research.eval.tables import TABLE_METRICS
 from research.models.build import build_generator
 from research.models.generator import Generator, init_generator
+from research.progress import compile_log
 from research.sampling import SamplingConfig, generate_for_split
 from research.train import frozen_init
 from research.train.checkpoint import Checkpointer
@@ -152,7 +153,8 @@ def evaluate_run(workdir: str | Path, split: str = "test", overrides=()) -> dict
     """Generate ``split``, compute metrics, write ``workdir/eval/<split>/``; returns metrics."""
     run = load_run(workdir, overrides)
     max_examples = run.cfg.eval.max_examples
-    rows = generate_split(run, split, max_examples)
+    with compile_log():
+        rows = generate_split(run, split, max_examples)
     train_features = {f for r in run.dataset.splits["train"].records for f in r.features}
     has_features = bool(train_features)
     metrics = text_metrics(
@@ -162,7 +164,8 @@ def evaluate_run(workdir: str | Path, split: str = "test", overrides=()) -> dict
         feature_vocab=sorted(train_features) if has_features else None,
     )
     metrics.update(output_shape_metrics([r["generated"] for r in rows]))
-    metrics["perplexity"] = split_perplexity(run, split, max_examples)
+    with compile_log():
+        metrics["perplexity"] = split_perplexity(run, split, max_examples)
     metrics["num_examples"] = len(rows)
     metrics["checkpoint_step"] = run.step
     out = Path(workdir) / "eval" / split
