@@ -522,3 +522,44 @@ def test_sigkill_during_fallback_and_moving_aside_loses_nothing(tmp_path):
             ckpt.save(step + 1, expected_state(step + 1), expected_meta(step + 1))
     print("outcomes:", outcomes)
     assert "in place" in outcomes and "moved" in outcomes, outcomes
+
+
+FULL_DISK_WORKER = """
+import resource, signal, sys
+import numpy as np
+from research.train.checkpoint import Checkpointer, CheckpointWriteFailed
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails instead of killing
+with Checkpointer(sys.argv[1]) as ckpt:
+    ckpt.save(1, {"x": np.arange(1000, dtype=np.float32)}, {"n": 1})
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))  # no file over 1 MiB: full
+    try:
+        ckpt.save(2, {"x": np.arange(1 << 20, dtype=np.float32)}, {"n": 2})
+    except CheckpointWriteFailed as error:
+        print(error)
+"""
+
+
+def test_a_full_disk_is_one_line_and_the_steps_before_stay_intact(tmp_path):
+    """A save that cannot write (here every file is capped at 1 MiB, as on a full disk): one
+    message naming the step, no tracebacks, and the earlier step restores on the next start."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run(
+        [sys.executable, "-c", FULL_DISK_WORKER, str(tmp_path)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    directory = (tmp_path / "checkpoints").resolve()
+    assert result.stdout.startswith(f"could not write checkpoint step 2 in {directory} (")
+    assert "the steps saved before it are intact" in result.stdout
+    assert len(result.stdout.strip().splitlines()) == 1
+    assert "Traceback" not in result.stderr and "Event loop is closed" not in result.stderr
+    with Checkpointer(tmp_path) as ckpt:
+        assert ckpt.all_steps() == [1]
+        state, meta = ckpt.restore(target={"x": np.zeros(1000, np.float32)})
+        assert state["x"].tobytes() == np.arange(1000, dtype=np.float32).tobytes()
+        assert meta == {"n": 1}
+    assert sorted(os.listdir(directory)) == ["1"]  # the partial save is gone

@@ -89,6 +89,12 @@ class CheckpointMismatch(ExpectedError, ValueError):
     """The saved tree differs from the target in keys, shapes or dtypes (a config change)."""
 
 
+class CheckpointWriteFailed(ExpectedError, RuntimeError):
+    """A save failed (a full disk, a lost mount); earlier steps are intact. Names the step."""
+
+    exit_code = 1
+
+
 class NoIntactCheckpoint(ExpectedError, RuntimeError):
     """Checkpoints exist but none of them restores; the message lists each step's error."""
 
@@ -183,6 +189,7 @@ class Checkpointer:
         if not isinstance(save_every, int) or save_every < 1:
             raise ValueError(f"save_every={save_every!r}: must be an integer >= 1")
         self.directory = Path(workdir).resolve() / "checkpoints"  # Orbax needs absolute paths
+        _silence_closed_loop_echoes()
         self._async_save = async_save
         self.read_only = read_only
         registry = ocp.handlers.create_default_handler_registry(
@@ -281,12 +288,20 @@ class Checkpointer:
             items[PARAMS_ITEM] = ocp.args.StandardSave(host_state.pop(PARAMS_ITEM))
         if host_state:
             items[STATE_ITEM] = ocp.args.StandardSave(host_state)
-        saved = self._manager.save(
-            step,
-            args=ocp.args.Composite(**items),
-            metrics=None if val_loss is None else {VAL_LOSS: val_loss},
-            force=True,  # the decision was made above
-        )
+        try:
+            with _without_thread_echoes():
+                saved = self._manager.save(
+                    step,
+                    args=ocp.args.Composite(**items),
+                    metrics=None if val_loss is None else {VAL_LOSS: val_loss},
+                    force=True,  # the decision was made above
+                )
+        except Exception as error:  # Orbax and tensorstore raise ValueError for OS errors
+            raise CheckpointWriteFailed(
+                f"could not write checkpoint step {step} in {self.directory} "
+                f"({_first_line(error)}); the steps saved before it are intact and the "
+                "partial one is removed on the next start: free space and rerun to resume"
+            ) from error
         if not self._async_save:
             self._purge_deleted()
         return saved
@@ -422,7 +437,6 @@ class Checkpointer:
             except CheckpointMismatch:
                 raise
             except Exception as error:  # any damage: truncated, missing or garbled files
-                _silence_closed_loop_echoes()
                 failures.append((step, _first_line(error)))
                 if jax.process_index() == 0:
                     print(
@@ -515,13 +529,30 @@ def _absl_quiet():
         absl.setLevel(level)
 
 
-def _silence_closed_loop_echoes() -> None:
-    """Drop the "Event loop is closed" echoes of a failed restore (once per process).
+class _ThreadEcho(logging.Filter):
+    """Orbax's worker threads log the error a failed save raises anyway, with its traceback."""
 
-    After one read fails, Orbax closes its event loop while tensorstore still completes the
-    other reads; each completion then reports ``RuntimeError: Event loop is closed`` as an
-    unraisable exception, a traceback per array that buries the one line naming the damage.
-    Other unraisable exceptions still reach the previous hook.
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "_SignalingThread.run() raised an exception" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _without_thread_echoes():
+    absl, echo = logging.getLogger("absl"), _ThreadEcho()
+    absl.addFilter(echo)
+    try:
+        yield
+    finally:
+        absl.removeFilter(echo)
+
+
+def _silence_closed_loop_echoes() -> None:
+    """Drop the "Event loop is closed" echoes of a failed restore or save (once per process).
+
+    After one read or write fails, Orbax closes its event loop while tensorstore still
+    completes the others; each completion then reports ``RuntimeError: Event loop is closed``
+    as an unraisable exception, a traceback per array that buries the one line naming the
+    failure. Other unraisable exceptions still reach the previous hook.
     """
     previous = sys.unraisablehook
     if getattr(previous, "drops_closed_loop_echoes", False):
