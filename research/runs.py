@@ -71,12 +71,14 @@ def run_part_config(source: str, part: str) -> Any:
 
 
 def run_part_params(source: str, part: str) -> tuple[Any, dict[str, Any]]:
-    """``(config, params)`` of ``part`` from the best checkpoint of the run ``source`` names."""
-    from research.eval.evaluate import load_run
+    """``(config, params)`` of ``part`` from the best checkpoint of the run ``source`` names.
 
-    run = load_run(run_workdir(source), which="best")
-    config = getattr(run.model.spec, part)
-    if config is None:
-        raise ValueError(f"{source!r} has no {part} (conditioning {run.cfg.model.conditioning!r})")
-    inside, _ = hf_part(run.params[part], config)
+    Reads run.json and the checkpoint's parameters only: neither that run's data nor its
+    optimizer state.
+    """
+    from research.eval.evaluate import restore_params
+
+    config = run_part_config(source, part)
+    params, _ = restore_params(run_workdir(source), None, "best")
+    inside, _ = hf_part(params[part], config)
     return config, traverse_util.unflatten_dict(inside, sep="/")

@@ -26,6 +26,7 @@ from research.export import CONDITIONING_FILE, MANIFEST, export_run, load_export
 from research.models.bert import BertEncoder
 from research.models.build import build_generator
 from research.models.gpt2 import GPT2LMHead
+from research.train import frozen_init
 from research.train.loop import train
 
 from .conftest import apply_model
@@ -150,6 +151,16 @@ def test_new_run_starts_from_the_decoder(trained, exported, source):
     assert started.keys() == trained_decoder.keys()
     for key, value in trained_decoder.items():
         np.testing.assert_array_equal(started[key], value, err_msg=key)
+
+
+def test_frozen_part_from_a_run_is_read_back_from_that_run(trained):
+    # A checkpoint leaves out a part frozen from init.* and reloads it from there on restore.
+    workdir, run = trained
+    reloaded = _flat(frozen_init.load_source(f"run:{workdir}", "encoder"))
+    expected = _flat(run.params["encoder"])
+    assert reloaded.keys() == expected.keys()
+    for key, value in expected.items():
+        np.testing.assert_array_equal(reloaded[key], value, err_msg=key)
 
 
 def test_run_source_errors_name_the_problem(trained, tmp_path):

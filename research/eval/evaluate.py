@@ -65,12 +65,13 @@ def run_config(workdir: str | Path, overrides: Iterable[tuple[str, str]] = ()):
     return cfg
 
 
-def restore_params(workdir: str | Path, model: Generator, which: str = "best"):
+def restore_params(workdir: str | Path, model: Generator | None, which: str = "best"):
     """Parameters of the best (lowest validation loss) or latest checkpoint -> (params, step).
 
     Opens the checkpoints read-only (safe while a trainer saves) and reads only the
     parameters, so neither the optimizer nor its settings matter. Parts the checkpoint left
     out (frozen, from an init folder) are loaded from that folder, which must be unchanged.
+    With ``model`` the saved shapes are checked against it; without, they come as saved.
     """
     with Checkpointer(workdir, read_only=True) as checkpoints:
         step = checkpoints.best_step() if which == "best" else None
@@ -78,8 +79,11 @@ def restore_params(workdir: str | Path, model: Generator, which: str = "best"):
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {checkpoints.directory}; train first")
         left_out = checkpoints.restore_meta(step).get(frozen_init.META_KEY, {})
-        target = jax.eval_shape(lambda: init_generator(model, jax.random.key(0)))
-        params = checkpoints.restore_params(step, frozen_init.without(target, left_out))
+        target = None
+        if model is not None:
+            target = jax.eval_shape(lambda: init_generator(model, jax.random.key(0)))
+            target = frozen_init.without(target, left_out)
+        params = checkpoints.restore_params(step, target)
         where = f"checkpoint {checkpoints.directory / str(step)}"
         return frozen_init.load_into(params, left_out, where), step
 

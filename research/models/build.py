@@ -52,7 +52,7 @@ def part_architecture(cfg: ml_collections.ConfigDict, kind: str, source: str):
     return _architecture(cfg.init[kind], cfg.model[kind], kind)
 
 
-def _pretrained(source: str, kind: str) -> dict[str, Any]:
+def pretrained_part(source: str, kind: str) -> dict[str, Any]:
     """Weights of a Hugging Face folder (or "minilm"), or of a run's part (``run:WORKDIR``)."""
     if is_run_source(source):
         return run_part_params(source, kind)[1]
@@ -84,7 +84,7 @@ def build_generator(
         return model, None
     pretrained = {}
     if cfg.init.decoder:
-        pretrained["decoder"] = _pretrained(cfg.init.decoder, "decoder")
+        pretrained["decoder"] = pretrained_part(cfg.init.decoder, "decoder")
     if cfg.init.encoder and uses_encoder:
-        pretrained["encoder"] = _pretrained(cfg.init.encoder, "encoder")
+        pretrained["encoder"] = pretrained_part(cfg.init.encoder, "encoder")
     return model, init_generator(model, rng, pretrained)

@@ -23,7 +23,7 @@ from flax import traverse_util
 
 from research import assets
 from research.errors import ExpectedError
-from research.models.generator import load_part
+from research.models.build import pretrained_part
 
 META_KEY = "frozen_from_init"
 PARTS = ("decoder", "encoder")
@@ -48,8 +48,9 @@ def fingerprint(tree: dict[str, Any]) -> str:
 
 
 def load_source(folder: str, part: str) -> dict[str, Any]:
-    """The part's parameters as the model holds them after loading ``folder`` (float32)."""
-    tree = load_part(_folder(folder), part)[1]
+    """The part's parameters as the model holds them after loading ``folder`` (float32); a
+    ``run:WORKDIR`` source gives that run's part (``research/runs.py``)."""
+    tree = pretrained_part(folder, part)
     flat = traverse_util.flatten_dict(tree)
     return traverse_util.unflatten_dict({k: np.asarray(v, np.float32) for k, v in flat.items()})
 
