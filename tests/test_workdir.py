@@ -96,12 +96,12 @@ def test_rerun_of_a_finished_run_changes_nothing(run, capsys):
     ids=["architecture", "learning_rate"],
 )
 def test_changed_structural_key_is_refused_before_anything_is_written(run, capsys, override, key):
-    """A finished run rerun with another architecture or learning rate (and more steps, so it
-    is not simply complete): refused naming the key; run.json and everything else unchanged,
-    and evaluation still reads the original config."""
+    """A finished run rerun with another architecture or learning rate: refused naming the
+    key (checked before "already complete"); run.json and everything else unchanged, and
+    evaluation still reads the original config."""
     before = snapshot(run)
     original = run_config(run).to_dict()
-    argv = train_argv(run, (*RUN, ("train.steps", str(STEPS + 2)), (override, key)))
+    argv = train_argv(run, (*RUN, (override, key)))
     assert cli.main(argv) == 2
     line = one_error_line(capsys.readouterr().err)
     assert f"{run / 'run.json'}: this config differs from the run's in {override}," in line
