@@ -9,6 +9,7 @@ the closed-form FLOP count equals the matrix products counted on the model's jax
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import math
@@ -37,6 +38,9 @@ EXPECTED_ROWS = {
     ("compile", "train step"),
     ("compile", "sampler"),
     ("memory", "training, 2 steps"),
+    ("train_llama", "2 x 16 tokens"),
+    ("generate_llama", "batch 1"),
+    ("generate_llama", "batch 2"),
 }
 
 
@@ -94,12 +98,13 @@ def test_smoke_both_sides_run_the_same_network(smoke):
     """Same weights: the first training losses agree, greedy decoding picks the same tokens."""
     _, written, _ = smoke
     by_key = {(r["measurement"], r["case"]): r for r in written}
-    loss = by_key[("train_lm", "2 x 16 tokens")]["first_loss"]
-    assert loss["ours"] == pytest.approx(loss["reference"], rel=1e-5)
-    # Random tokens over a 1000-word vocabulary: the loss starts near log(1000).
-    assert loss["ours"] == pytest.approx(math.log(1000), rel=0.05)
-    for case in ("batch 1", "batch 2"):
-        assert by_key[("generate", case)]["same_tokens"] == 1.0
+    for train, generate in (("train_lm", "generate"), ("train_llama", "generate_llama")):
+        loss = by_key[(train, "2 x 16 tokens")]["first_loss"]
+        assert loss["ours"] == pytest.approx(loss["reference"], rel=1e-5)
+        # Random tokens over a 1000-word vocabulary: the loss starts near log(1000).
+        assert loss["ours"] == pytest.approx(math.log(1000), rel=0.05)
+        for case in ("batch 1", "batch 2"):
+            assert by_key[(generate, case)]["same_tokens"] == 1.0
 
 
 def test_smoke_compile_memory_and_mfu_fields(smoke):
@@ -137,9 +142,12 @@ def test_unknown_measurement_is_rejected_with_the_valid_names():
         run_bench(only=["train_lm", "speed"], smoke=True)
 
 
-def test_lm_flops_formula_equals_matmuls_counted_on_the_jaxpr():
+@pytest.mark.parametrize("decoder", ["gpt2", "llama"])
+def test_lm_flops_formula_equals_matmuls_counted_on_the_jaxpr(decoder):
     """6 N + 12 L d T per token == 3 x the forward's matrix products, counted one by one."""
     setup = make_setup("smoke")
+    if decoder == "llama":
+        setup = dataclasses.replace(setup, decoder=setup.llama)
     model = ours.lm_model(setup)
     params = ours.random_params(model)
     batch = ours.lm_batch(setup, np.random.default_rng(0))

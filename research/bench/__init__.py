@@ -10,6 +10,9 @@ Measurements (``--only NAME``, repeatable):
   cross-attention, against ``EncoderDecoderModel(BertModel, GPT2LMHeadModel)``.
 * ``generate``: greedy decoding, new tokens/s of ``research.sampling.generate`` and of
   ``GPT2LMHeadModel.generate`` (its KV cache), same weights, every row producing all tokens.
+* ``train_llama``, ``generate_llama``: ``train_lm`` and ``generate`` for a Llama-family decoder
+  of about GPT-2 124M's size (SmolLM2-135M's shape: 30 layers, GQA 9/3, tied, random weights)
+  against ``LlamaForCausalLM`` in the same run.
 * ``compile``: seconds from the first call to the first result of the train step and of the
   sampler, each in a fresh process (nothing cached), next to PyTorch's first call.
 * ``memory``: peak resident memory of a process that trains (first step and a few more),

@@ -17,9 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from research import assets
+from research.models import families
 from research.models.bert import BertConfig
 from research.models.gpt2 import GPT2Config
 from research.models.hf import read_config
+from research.models.llama_config import LlamaConfig
 
 # Dense bfloat16 peaks (FLOP/s) of the cards whose MFU we report against the datasheet.
 # Matched in order against jax's device_kind, so "H100 PCIe" must come before "H100".
@@ -36,7 +38,7 @@ class Setup:
     """
 
     name: str
-    decoder: GPT2Config
+    decoder: GPT2Config | LlamaConfig
     encoder: BertConfig
     batch: int  # training rows
     seq: int  # decoder tokens per training row
@@ -49,6 +51,7 @@ class Setup:
     warmup: int
     repeats: int
     memory_steps: int  # train steps the memory/compile child runs after the first one
+    llama: LlamaConfig | None = None  # train_llama / generate_llama: a Llama-family decoder
 
     @property
     def jnp_dtype(self) -> Any:
@@ -57,6 +60,17 @@ class Setup:
 
 def gpt2_124m() -> GPT2Config:
     return GPT2Config(**NO_DROPOUT)
+
+
+def smollm2_135m() -> LlamaConfig:
+    """SmolLM2-135M's published shape (about GPT-2 124M's size): 30 layers, 576 wide, 9 query
+    heads sharing 3 key/value heads, tied embeddings, 49,152 tokens."""
+    return LlamaConfig(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+        num_attention_heads=9, num_key_value_heads=3, head_dim=64, max_position_embeddings=8192,
+        tie_word_embeddings=True, rope_theta=100000.0, rms_norm_eps=1e-5,
+        bos_token_id=0, eos_token_id=0,
+    )  # fmt: skip
 
 
 def minilm_config() -> BertConfig:
@@ -78,8 +92,17 @@ def make_setup(name: str) -> Setup:
             intermediate_size=64, max_position_embeddings=64,
             hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
         )  # fmt: skip
-        return Setup(name, decoder, encoder, 2, 16, 16, 4, 4, (1, 2), "float32", None, 1, 2, 1)
-    common = dict(decoder=gpt2_124m(), encoder=minilm_config(), prompt=16, new_tokens=64)
+        llama = LlamaConfig(
+            vocab_size=1000, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
+            bos_token_id=999, eos_token_id=999,
+        )  # fmt: skip
+        return Setup(
+            name, decoder, encoder, 2, 16, 16, 4, 4, (1, 2), "float32", None, 1, 2, 1, llama
+        )
+    common = dict(
+        decoder=gpt2_124m(), encoder=minilm_config(), prompt=16, new_tokens=64, llama=smollm2_135m()
+    )
     if name == "cpu":
         return Setup(
             name, **common, batch=8, seq=128, encoder_seq=128, generate_batches=(1, 16),
@@ -180,19 +203,22 @@ def median(values: list[float]) -> float:
 # --- FLOPs and peaks --------------------------------------------------------------------------
 
 
-def lm_train_flops_per_token(params: dict[str, Any], config: GPT2Config, seq: int) -> float:
-    """Training FLOPs per token of GPT-2: ``6 N + 12 L d T`` (PaLM, appendix B).
+def lm_train_flops_per_token(params: dict[str, Any], config: Any, seq: int) -> float:
+    """Training FLOPs per token of a decoder: ``6 N + 12 L d T`` (PaLM, appendix B).
 
     ``N`` counts the weights that take part in matrix products: every kernel plus the token
-    embedding (it is the tied LM head); the position table and the LayerNorm/bias vectors are
-    left out. ``12 L d T`` is attention's two products (scores and values) over all ``T`` keys,
-    forward and backward, as the unfused XLA attention computes them.
+    embedding when it is the tied LM head (GPT-2, SmolLM2); the position table and the
+    norm/bias vectors are left out. ``12 L d T`` is attention's two products (scores and
+    values) over all ``T`` keys, forward and backward, as the unfused XLA attention computes
+    them; ``d`` is the hidden width (= query heads x head_dim in the shapes benchmarked here).
     """
-    n = config.vocab_size * config.n_embd
+    family = families.decoder_family(config)
+    width, layers = family.hidden_size(config), family.hf.num_layers(config)
+    n = config.vocab_size * width if getattr(config, "tie_word_embeddings", True) else 0
     for path, leaf in jax.tree_util.tree_leaves_with_path(params):
         if getattr(path[-1], "key", None) == "kernel":
             n += leaf.size
-    return 6.0 * n + 12.0 * config.n_layer * config.n_embd * seq
+    return 6.0 * n + 12.0 * layers * width * seq
 
 
 def matmul_flops(fn: Callable, *args) -> float:

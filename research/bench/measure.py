@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -23,7 +24,15 @@ from research.bench.common import (
     median,
 )
 
-MEASUREMENTS = ("train_lm", "train_conditioned", "generate", "compile", "memory")
+MEASUREMENTS = (
+    "train_lm",
+    "train_conditioned",
+    "generate",
+    "compile",
+    "memory",
+    "train_llama",
+    "generate_llama",
+)
 
 
 class Run:
@@ -145,8 +154,13 @@ def _train_compare(run: Run, mine: ours.TrainStep, theirs: reference.TrainStep |
     return times, first_loss
 
 
-def measure_train_lm(run: Run) -> list[dict[str, Any]]:
-    s = run.setup
+def _with_llama(run: Run) -> Setup:
+    """The run's setup with its Llama-family decoder in the decoder's place."""
+    return dataclasses.replace(run.setup, decoder=run.setup.llama)
+
+
+def measure_train_lm(run: Run, name: str = "train_lm", s: Setup | None = None) -> list[dict]:
+    s = s or run.setup
     rng = np.random.default_rng(0)
     torch_model = reference.lm_model(s)
     params = reference.as_flax_params(torch_model, s)  # both sides start from the same weights
@@ -160,13 +174,14 @@ def measure_train_lm(run: Run) -> list[dict[str, Any]]:
     flops = lm_train_flops_per_token(params, s.decoder, s.seq) * tokens
     return [
         _speed_row(
-            "train_lm",
+            name,
             f"{s.batch} x {s.seq} tokens",
             tokens,
             times,
             {"batch": s.batch, "seq": s.seq, "vocab": s.decoder.vocab_size},
+            decoder=s.decoder.model_type,
             first_loss=first_loss,
-            flops_formula="6 N + 12 L d T per token (N: kernels + tied embedding)",
+            flops_formula="6 N + 12 L d T per token (N: kernels + a tied embedding)",
             **_mfu(run, flops, times),
         )
     ]
@@ -204,8 +219,8 @@ def _keeping(store: dict[str, np.ndarray], side: str, fn: Callable[[], Any]) -> 
     return lambda: store.__setitem__(side, np.asarray(fn()))
 
 
-def measure_generate(run: Run) -> list[dict[str, Any]]:
-    s = run.setup
+def measure_generate(run: Run, name: str = "generate", s: Setup | None = None) -> list[dict]:
+    s = s or run.setup
     torch_model = reference.lm_model(s)
     params = reference.as_flax_params(torch_model, s)
     model = ours.lm_model(s, decoding=True)
@@ -225,11 +240,12 @@ def measure_generate(run: Run) -> list[dict[str, Any]]:
             details["same_tokens"] = float((outputs["ours"] == outputs["reference"]).mean())
         rows.append(
             _speed_row(
-                "generate",
+                name,
                 f"batch {size}",
                 size * s.new_tokens,
                 times,
                 {"batch": size, "prompt": s.prompt, "new_tokens": s.new_tokens},
+                decoder=s.decoder.model_type,
                 strategy="greedy",
                 **details,
             )
@@ -293,6 +309,8 @@ MEASURE: dict[str, Callable[[Run], list[dict[str, Any]]]] = {
     "generate": measure_generate,
     "compile": measure_compile,
     "memory": measure_memory,
+    "train_llama": lambda run: measure_train_lm(run, "train_llama", _with_llama(run)),
+    "generate_llama": lambda run: measure_generate(run, "generate_llama", _with_llama(run)),
 }
 
 

@@ -19,7 +19,6 @@ import transformers
 
 from research.bench.common import Setup
 from research.models import families, hf
-from research.models.gpt2 import GPT2LMHead
 
 
 def device_for(setup: Setup) -> str | None:
@@ -36,11 +35,12 @@ def _autocast(setup: Setup, device: str):
     return contextlib.nullcontext()
 
 
-def lm_model(setup: Setup, seed: int = 0) -> transformers.GPT2LMHeadModel:
-    """``GPT2LMHeadModel`` with Hugging Face's random initialisation."""
+def lm_model(setup: Setup, seed: int = 0) -> transformers.PreTrainedModel:
+    """transformers' causal LM of ``setup.decoder`` (``GPT2LMHeadModel``,
+    ``LlamaForCausalLM``, ...) with Hugging Face's random initialisation."""
     torch.manual_seed(seed)
-    config = transformers.GPT2Config(**dataclasses.asdict(setup.decoder))
-    return transformers.GPT2LMHeadModel(config)
+    config = transformers.AutoConfig.for_model(**setup.decoder.to_hf_dict())
+    return transformers.AutoModelForCausalLM.from_config(config)
 
 
 def conditioned_model(setup: Setup, seed: int = 0) -> transformers.EncoderDecoderModel:
@@ -56,13 +56,15 @@ def conditioned_model(setup: Setup, seed: int = 0) -> transformers.EncoderDecode
     return transformers.EncoderDecoderModel(encoder=encoder, decoder=decoder)
 
 
-def as_flax_params(model: transformers.GPT2LMHeadModel, setup: Setup) -> dict[str, Any]:
-    """The reference GPT-2's weights as our generator's parameters (``{"decoder": ...}``), so
-    both sides run the very same network (and greedy decoding can be compared token by token)."""
+def as_flax_params(model: transformers.PreTrainedModel, setup: Setup) -> dict[str, Any]:
+    """The reference decoder's weights as our generator's parameters (``{"decoder": ...}``),
+    so both sides run the very same network (and greedy decoding can be compared token by
+    token)."""
     config = setup.decoder
+    family = families.decoder_family(config)
     tensors = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
-    expected = hf.abstract_params(GPT2LMHead(config), config)
-    tree = hf.convert_to_flax(families.family("gpt2").hf, config, tensors, expected, "reference")
+    expected = hf.abstract_params(family.module_cls(config), config)
+    tree = hf.convert_to_flax(family.hf, config, tensors, expected, "reference")
     return {"decoder": jax.tree.map(jnp.asarray, tree)}
 
 
@@ -107,7 +109,7 @@ class TrainStep:
 
 
 def greedy(
-    model: transformers.GPT2LMHeadModel, prompt_ids: np.ndarray, new_tokens: int, setup, device
+    model: transformers.PreTrainedModel, prompt_ids: np.ndarray, new_tokens: int, setup, device
 ):
     """A function running ``model.generate`` (greedy, its KV cache) -> new tokens
     ``[rows, new_tokens]`` as numpy; ``min_new_tokens`` makes every row produce all of them."""
