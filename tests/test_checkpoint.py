@@ -471,9 +471,10 @@ def test_sigkill_at_any_moment_leaves_a_restorable_checkpoint(tmp_path):
 @pytest.mark.slow
 def test_sigkill_during_fallback_and_moving_aside_loses_nothing(tmp_path):
     """The newest step is damaged before each worker run; the worker falls back, moves it to
-    ``corrupt/`` and goes on saving, and is killed at moments from right after it opened the
-    checkpoints (inside the fallback) to well after it (inside later saves). After every kill
-    the damaged step is in exactly one place, byte for byte, and the step before it restores."""
+    ``corrupt/`` and goes on saving. It is killed at moments after it opened the checkpoints
+    (inside the fallback, before the move), and once right after it reported the restore (the
+    move done). After every kill the damaged step is in exactly one place, byte for byte, and
+    the step before it restores."""
     workdir, log = tmp_path / "lane", tmp_path / "worker.log"
     with Checkpointer(workdir, keep_last=KEEP_LAST) as ckpt:
         for step in (1, 2):
@@ -481,7 +482,7 @@ def test_sigkill_during_fallback_and_moving_aside_loses_nothing(tmp_path):
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     command = [sys.executable, "-m", "tests.checkpoint_kill_worker", str(workdir)]
     directory, outcomes = workdir / "checkpoints", []
-    for delay in (0.0, 0.05, 0.2, 0.5, 1.5):
+    for delay in (0.0, 0.05, 0.2, 0.5, "restored"):
         with Checkpointer(workdir, read_only=True) as ckpt:
             newest = ckpt.latest_step()
         _truncate(_biggest_file(directory / str(newest) / "params"))
@@ -494,7 +495,10 @@ def test_sigkill_during_fallback_and_moving_aside_loses_nothing(tmp_path):
         watchdog = threading.Timer(300, proc.kill)
         watchdog.start()
         assert proc.stdout.readline().strip() == "opening", f"worker failed (see {log})"
-        time.sleep(delay)
+        if delay == "restored":
+            assert proc.stdout.readline().startswith("restored "), f"worker failed (see {log})"
+        else:
+            time.sleep(delay)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         watchdog.cancel()
