@@ -145,6 +145,41 @@ def test_gqa_decoding_matches_transformers_generate(llama_pair, prompts, strateg
     assert (lengths < NEW_TOKENS).any() and (lengths == NEW_TOKENS).any()
 
 
+@pytest.mark.parametrize("strategy, settings", [("greedy", {}), ("beam", {"num_beams": 3})])
+def test_decoding_after_a_soft_prefix_matches_transformers_generate(
+    llama_pair, prompts, strategy, settings
+):
+    """id_prompt puts two vectors before the left-padded prompt: our tokens equal
+    transformers' ``generate(inputs_embeds=prefix + token embeddings)``, whose positions also
+    follow the mask, so the rotary angles after the prefix are checked while decoding."""
+    torch_model, plain, plain_params = llama_pair
+    spec = GeneratorSpec(plain.spec.decoder, None, ("id_prompt",), num_users=6, num_items=6)
+    model = Generator(spec)
+    params = init_generator(model, jax.random.key(0), {"decoder": plain_params["decoder"]})
+    batch = {**prompts, "user": np.arange(6, dtype=np.int32), "item": np.arange(6, dtype=np.int32)}
+    inputs = jax.jit(functools.partial(model.apply, method=Generator.condition))(
+        {"params": params}, {"user": batch["user"], "item": batch["item"]}
+    )
+    prefix = torch.as_tensor(np.array(inputs.prefix_embeds))
+    with torch.no_grad():
+        embeds = torch_model.model.embed_tokens(torch.as_tensor(prompts["prompt_ids"]).long())
+        mask = np.concatenate([np.ones((6, 2), np.int32), prompts["prompt_mask"]], axis=1)
+        out = torch_model.generate(
+            inputs_embeds=torch.cat([prefix, embeds], dim=1),
+            attention_mask=torch.as_tensor(mask).long(),
+            max_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            **settings,
+        ).numpy()
+    expected = np.pad(out, ((0, 0), (0, NEW_TOKENS - out.shape[1])), constant_values=LLAMA_EOS)
+    cfg = sampling.SamplingConfig(
+        strategy=strategy, max_new_tokens=NEW_TOKENS, batch_size=8, **settings
+    )
+    ours = sampling.generate(model, params, batch, cfg)
+    np.testing.assert_array_equal(ours, expected)
+    assert not np.array_equal(ours, torch_generate(torch_model, prompts, **settings))
+
+
 def test_sampling_is_seeded_and_top_k_1_is_greedy(llama_pair, prompts):
     torch_model, model, params = llama_pair
 
