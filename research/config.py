@@ -113,8 +113,11 @@ def default_config() -> ml_collections.ConfigDict:
     cfg.eval.checkpoint = "best"  # best | latest
 
     # Caches shared by runs. "" = under the user's cache directory (research/compilation_cache.py),
-    # "off" = none. compilation_dir: JAX's persistent compilation cache.
-    cfg.cache = ml_collections.ConfigDict({"compilation_dir": ""})
+    # "off" = none. compilation_dir: JAX's persistent compilation cache; features_dir: a frozen
+    # encoder's outputs, computed once (research/train/feature_cache.py), stored as features_dtype.
+    cfg.cache = ml_collections.ConfigDict(
+        {"compilation_dir": "", "features_dir": "", "features_dtype": "float32"}
+    )
 
     # Multi-host: empty / -1 means "from the environment" (SLURM, TPU) or single process.
     cfg.distributed = ml_collections.ConfigDict(
@@ -128,6 +131,7 @@ CHOICES: dict[str, tuple] = {
     "model.attention_impl": ATTENTION_IMPLS,
     "train.schedule": SCHEDULES,
     "eval.checkpoint": ("best", "latest"),
+    "cache.features_dtype": DTYPES,
     "eval.split": ("train", "validation", "test"),
 }
 

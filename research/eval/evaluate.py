@@ -12,7 +12,7 @@ import dataclasses
 import json
 import math
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from research.models.build import build_generator
 from research.models.generator import Generator, init_generator
 from research.progress import compile_log
 from research.sampling import SamplingConfig, generate_for_split
-from research.train import frozen_init
+from research.train import feature_cache, frozen_init
 from research.train.checkpoint import Checkpointer
 from research.train.run_log import (
     config_changes,
@@ -49,6 +49,13 @@ class LoadedRun:
     model: Generator
     params: dict[str, Any]
     step: int
+    features: feature_cache.FeatureCache | None = None  # a frozen encoder's, computed once
+
+    def batches(self, split: str, batch_size: int, examples=None) -> Iterator[dict]:
+        """Evaluation batches of ``split`` (or of its ``examples``), with the encoder's cached
+        features when it has them."""
+        for batch in self.dataset.eval_iterator(split, batch_size, examples=examples):
+            yield self.features.attach(batch, split) if self.features else batch
 
 
 def run_config(workdir: str | Path, overrides: Iterable[tuple[str, str]] = ()):
@@ -97,7 +104,10 @@ def load_run(workdir: str | Path, overrides=(), which: str | None = None) -> Loa
     dataset = load_dataset_logged(cfg.data)
     model, _ = build_generator(cfg, dataset.num_users, dataset.num_items)
     params, step = restore_params(workdir, model, which or cfg.eval.checkpoint)
-    return LoadedRun(cfg, dataset, model, params, step)
+    features = None
+    if feature_cache.wanted(cfg, model, tuple(cfg.train.trainable)):
+        features = feature_cache.prepare(cfg, dataset, model, params)
+    return LoadedRun(cfg, dataset, model, params, step, features)
 
 
 def eval_examples(run: LoadedRun, split: str, max_examples: int) -> np.ndarray | None:
@@ -112,7 +122,7 @@ def split_perplexity(run: LoadedRun, split: str, max_examples: int = 0) -> float
     params = replicate(run.params, devices)
     total = count = 0.0
     examples = eval_examples(run, split, max_examples)
-    for batch in run.dataset.eval_iterator(split, run.cfg.train.eval_batch_size, examples=examples):
+    for batch in run.batches(split, run.cfg.train.eval_batch_size, examples):
         batch = {k: v for k, v in batch.items() if k != "example"}
         t, c = step(params, shard(batch, devices))
         total, count = total + float(t[0]), count + float(c[0])
@@ -125,7 +135,7 @@ def generate_split(run: LoadedRun, split: str, max_examples: int = 0) -> list[di
     data = run.dataset.splits[split]
     references = run.dataset.reference_texts(split)
     examples = eval_examples(run, split, max_examples)
-    batches = run.dataset.eval_iterator(split, sampling.batch_size, examples=examples)
+    batches = run.batches(split, sampling.batch_size, examples)
     rows = []
     for out in generate_for_split(
         run.model, run.params, batches, run.dataset.decoder_tokenizer, sampling

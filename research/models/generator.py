@@ -79,8 +79,11 @@ class GeneratorSpec:
 
     @property
     def batch_keys(self) -> tuple[str, ...]:
-        """Every batch key conditioning reads (decoding copies exactly these)."""
-        encoder_keys = ("encoder_ids", "encoder_mask") if self.uses_encoder else ()
+        """Every batch key conditioning reads (decoding copies those present); a batch has
+        ``encoder_ids`` or a frozen encoder's cached ``encoder_states``."""
+        encoder_keys = (
+            ("encoder_ids", "encoder_states", "encoder_mask") if self.uses_encoder else ()
+        )
         return encoder_keys + self.id_keys
 
 
@@ -90,6 +93,7 @@ class Generator(nn.Module):
     spec: GeneratorSpec
     dtype: Any = jnp.float32
     attention_impl: str | None = None
+    frozen_encoder: bool = False  # the encoder does not train (in this stage): no dropout
 
     def setup(self):
         s = self.spec
@@ -104,14 +108,25 @@ class Generator(nn.Module):
             method.method_name: method.from_spec(s, self.dtype) for method in methods
         }
 
+    def encode(self, batch: dict[str, jax.Array], deterministic: bool = True):
+        """Encoder states ``[batch, S, E]`` and mask ``[batch, S]``.
+
+        A batch that carries ``encoder_states`` (features of a frozen encoder computed once,
+        ``research/train/feature_cache.py``) is read instead of running the encoder. A frozen
+        encoder (``frozen_encoder``) runs without dropout, as its cached features were made.
+        """
+        mask = batch["encoder_mask"]
+        if "encoder_states" in batch:
+            return batch["encoder_states"].astype(self.dtype), mask
+        deterministic = deterministic or self.frozen_encoder
+        states = self.encoder(batch["encoder_ids"], mask, deterministic=deterministic)
+        return states.last_hidden_state, mask
+
     def condition(self, batch: dict[str, jax.Array], deterministic: bool = True):
         """Run the encoder (if any) and every conditioning method -> ``DecoderInputs``."""
         states = mask = None
         if self.spec.uses_encoder:
-            mask = batch["encoder_mask"]
-            states = self.encoder(
-                batch["encoder_ids"], mask, deterministic=deterministic
-            ).last_hidden_state
+            states, mask = self.encode(batch, deterministic)
         sources = cond.Sources(states, mask, {key: batch[key] for key in self.spec.id_keys})
         inputs = DecoderInputs()
         for method in self.spec.conditioning:

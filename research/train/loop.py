@@ -12,6 +12,8 @@ The loop does not wait for the devices between steps: metrics stay on the device
 next log line, save or evaluation (a diverged step leaves the state unchanged; the loop stops
 when it sees the step's metrics), the state is copied to the host only for a checkpoint that is
 written, and the next batch is read and copied to the devices while the current step runs.
+A stage whose encoder is frozen reads its features, computed once per example
+(``research/train/feature_cache.py``); a stage that trains the encoder runs it live.
 """
 
 from __future__ import annotations
@@ -29,11 +31,11 @@ import ml_collections
 from flax import jax_utils
 
 from research import compilation_cache
-from research.data.pipeline import Dataset, load_dataset_logged, subset_record
+from research.data.pipeline import REPORT_FILE, Dataset, load_dataset_logged, subset_record
 from research.models.build import build_generator
 from research.models.generator import parameter_summary
 from research.progress import compile_log, progress_bar
-from research.train import distributed, frozen_init
+from research.train import distributed, feature_cache, frozen_init
 from research.train.checkpoint import Checkpointer
 from research.train.optim import learning_rate_schedule, make_optimizer, trainable_labels
 from research.train.run_log import (
@@ -130,6 +132,19 @@ class Trainer:
         # Parts that stay as their init folder has them: checkpoints leave them out.
         self.frozen = frozen_init.frozen_parts(cfg, self.initial_params)
         self.eval_step = make_eval_step(self.model)
+        self.features: feature_cache.FeatureCache | None = None
+
+    def use_features(self, stage: int, params) -> None:
+        """Read a frozen encoder's features from the cache in ``stage``; run it live otherwise."""
+        self.features = None
+        if feature_cache.wanted(self.cfg, self.model, _trainable(self.cfg, stage)):
+            self.features = feature_cache.prepare(self.cfg, self.dataset, self.model, params)
+
+    def host_batch(self, batch: dict, split: str) -> dict:
+        """A batch as the steps read it: cached encoder features attached, ``example`` dropped."""
+        if self.features is not None:
+            batch = self.features.attach(batch, split)
+        return {k: v for k, v in batch.items() if k != "example"}
 
     def optimizer(self, stage: int, first_step: int = 0):
         """The optimizer of ``stage``, created at step ``first_step``.
@@ -147,8 +162,10 @@ class Trainer:
         )
 
     def train_step(self, stage: int, tx):
-        labels = trainable_labels(self.initial_params, _trainable(self.cfg, stage))
-        return make_train_step(self.model, tx, labels, self.schedule)
+        trainable = _trainable(self.cfg, stage)
+        labels = trainable_labels(self.initial_params, trainable)
+        model = self.model.clone(frozen_encoder="encoder" not in trainable)
+        return make_train_step(model, tx, labels, self.schedule)
 
     def validation_examples(self):
         """The seeded sample of max_eval_batches batches (None: the whole split)."""
@@ -163,7 +180,7 @@ class Trainer:
         )
         sums = []  # on the devices until the pass is over
         for batch in batches:
-            batch = {k: v for k, v in batch.items() if k != "example"}
+            batch = self.host_batch(batch, split)
             sums.append(self.eval_step(params_replicated, shard(batch, self.devices)))
         fetched = jax.device_get(sums)
         total = sum(float(t[0]) for t, _ in fetched)
@@ -258,9 +275,13 @@ def _start(cfg: ml_collections.ConfigDict, workdir: Path):
         if primary:
             print(f"Resuming {workdir} from step {start} (stage {progress.stage}).")
     tx = trainer.optimizer(progress.stage, progress.stage2_start)
+    trainer.use_features(progress.stage, state["params"])
     if primary:
         # Also without a checkpoint: a run killed before its first save logged steps it redoes.
         _truncate_metrics(workdir, start or 0)
+        if trainer.features is not None:
+            dataset.report["encoder_feature_cache"] = trainer.features.report()
+            write_json(workdir / REPORT_FILE, dataset.report)
     with compile_log() if primary else contextlib.nullcontext():
         return _run(cfg, workdir, trainer, checkpoints, progress, data, tx, state, start or 0)
 
@@ -338,11 +359,14 @@ def _run(cfg, workdir, trainer, checkpoints, progress, data, tx, state, step):
     )
     step_metrics, last_loss = _StepMetrics(checkpoints, bar), float("nan")
 
+    def on_devices(raw: dict):
+        batch = shard(trainer.host_batch(raw, "train"), trainer.devices, cfg.train.accum_steps)
+        return to_devices(batch, trainer.devices)
+
     def next_batch():
-        """The next batch, already on its way to the devices, and the data position after it."""
-        batch = {k: v for k, v in next(data).items() if k != "example"}
-        sharded = shard(batch, trainer.devices, cfg.train.accum_steps)
-        return to_devices(sharded, trainer.devices), data.state()
+        """The next batch as read, on its way to the devices, and the data position after it."""
+        raw = next(data)
+        return raw, on_devices(raw), data.state()
 
     config_hash = structural_hash(cfg)
 
@@ -368,7 +392,7 @@ def _run(cfg, workdir, trainer, checkpoints, progress, data, tx, state, step):
     upcoming = next_batch() if step < cfg.train.steps else None
     with stop.installed():
         while step < cfg.train.steps:
-            batch, progress.data = upcoming
+            _, batch, progress.data = upcoming
             state, metrics = step_fn(state, batch, seed_key)
             step += 1
             step_metrics.add(step, metrics)
@@ -422,6 +446,9 @@ def _run(cfg, workdir, trainer, checkpoints, progress, data, tx, state, step):
                 fresh["step"] = _host(state["step"])
                 state = replicate(fresh, trainer.devices)
                 step_fn = trainer.train_step(2, tx)
+                trainer.use_features(2, params)
+                if upcoming is not None:  # made for stage 1's encoder inputs
+                    upcoming = (upcoming[0], on_devices(upcoming[0]), upcoming[2])
                 if primary:
                     bar.write(f"step {step}: stage 2, training {_trainable(cfg, 2)}")
             # The switch point is a resume point.
