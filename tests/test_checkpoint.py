@@ -366,6 +366,8 @@ def test_a_damaged_step_is_moved_aside_and_the_one_before_restores(tmp_path, dam
     err = capfd.readouterr().err
     warnings = [line for line in err.splitlines() if line.startswith("warning: ")]
     assert warnings[0].startswith(f"warning: checkpoint {directory / '3'} does not restore (")
+    if damage == "truncated_meta":
+        assert f"does not restore ({directory / '3' / 'meta' / 'metadata'}: " in warnings[0]
     assert warnings[1] == (
         f"warning: moved the damaged checkpoint of step 3 to {directory / CORRUPT_SUBDIR / '3'}"
     )

@@ -431,13 +431,18 @@ class Checkpointer:
         """
         failures = []
         for step in reversed(self.all_steps()):
+            meta_file = self._step_dir(step) / META_ITEM / "metadata"
             try:
                 meta = self.restore_meta(step)
+                meta_file = None  # read: a later error is in the arrays
                 state, meta = self.restore(step, target=target_for(meta))
             except CheckpointMismatch:
                 raise
             except Exception as error:  # any damage: truncated, missing or garbled files
-                failures.append((step, _first_line(error)))
+                reason = _first_line(error)
+                if meta_file is not None and str(meta_file) not in reason:
+                    reason = f"{meta_file}: {reason}"  # JSON errors name no file
+                failures.append((step, reason))
                 if jax.process_index() == 0:
                     print(
                         f"warning: checkpoint {self._step_dir(step)} does not restore "
