@@ -48,7 +48,7 @@ def input_format(run) -> str:
     )
 
 
-def _check_ids(run, user: str, item: str) -> None:
+def _check_ids(run, user: str, item: str, with_text: bool) -> None:
     reads = set(run.model.spec.id_keys)
     for key, value, index in (
         ("user", user, run.dataset.user_index),
@@ -63,9 +63,14 @@ def _check_ids(run, user: str, item: str) -> None:
                 f"model.conditioning={'+'.join(run.model.spec.conditioning)!r} reads {key} ids "
                 f"(unseen ones have no trained embedding); known {key}s include {known}"
             )
+        effect = (
+            "it is not used"
+            if with_text or not run.model.spec.uses_encoder
+            else f"the encoder reads an empty {key} history"
+        )
         print(
-            f"warning: --{key} {value!r} has no training reviews; the encoder reads an empty "
-            f"{key} history (the method reads text only, so it can take unseen {key}s)",
+            f"warning: --{key} {value!r} has no training reviews; the method reads no {key} "
+            f"ids, so it takes unseen {key}s: {effect}",
             file=sys.stderr,
         )
 
@@ -96,7 +101,7 @@ def encoder_input_for(run, user: str, item: str) -> list[int]:
 
 def generate_one(run, text: str | None = None, user: str = "", item: str = "") -> str:
     """The review the model writes for a conditioning ``text`` or for (``user``, ``item``)."""
-    _check_ids(run, user, item)
+    _check_ids(run, user, item, text is not None)
     batch = {
         "example": np.zeros((1,), np.int32),
         "user": np.array([run.dataset.user_index.get(user, 0)], np.int32),
