@@ -238,7 +238,9 @@ def _dispatch(args, overrides, argv) -> int | None:
 
         cfg = load_config(args.config, overrides)
         dataset = load_dataset(cfg.data)
-        _, params = build_generator(cfg, dataset.num_users, dataset.num_items, jax.random.key(0))
+        _, params = build_generator(
+            cfg, dataset.num_users, dataset.num_items, jax.random.key(0), dataset.rating_mean
+        )
         print(parameter_summary(params, tuple(cfg.train.trainable)))
     elif args.command == "bench":
         from research.bench.run import run_bench

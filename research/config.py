@@ -24,6 +24,7 @@ from research.data.config import data_config, validate_data_config
 from research.models import conditioning
 from research.models.build import scratch_family
 from research.models.generator import GROUPS
+from research.models.rating import HEADS
 from research.runs import tokenizer_source
 from research.sampling import SamplingConfig, sampling_config
 from research.train.optim import SCHEDULES
@@ -44,6 +45,11 @@ def default_config() -> ml_collections.ConfigDict:
     # Every registered method's hyperparameters (prefix_length, pooling, ...), with defaults.
     for name, hp in conditioning.hyperparameters().items():
         cfg.model[name] = hp.default
+    # Rating prediction beside the review: one of research.models.rating.HEADS. The MLP heads
+    # have rating_layers sigmoid layers of rating_hidden_size (PEPLER's MLP: 3 of 400).
+    cfg.model.rating_head = "none"
+    cfg.model.rating_hidden_size = 400
+    cfg.model.rating_layers = 3
     cfg.model.dtype = "float32"  # compute dtype; parameters stay float32
     cfg.model.attention_impl = ""  # "" lets JAX choose; "cudnn" for fused GPU attention
     # Architectures used when init.decoder / init.encoder are empty (trained from scratch).
@@ -81,6 +87,10 @@ def default_config() -> ml_collections.ConfigDict:
     cfg.train.steps = 1000
     cfg.train.batch_size = 32  # global batch, over all devices and accumulation steps
     cfg.train.accum_steps = 1
+    # Objective: text_weight * mean token loss + rating_weight * mean squared rating error
+    # (PEPLER's text_reg and rating_reg; PEPLER's default rating_reg is 0.01, 1.0 for its MLP).
+    cfg.train.text_weight = 1.0
+    cfg.train.rating_weight = 0.01
     cfg.train.learning_rate = 1e-3
     cfg.train.warmup_steps = 50
     cfg.train.schedule = "cosine"
@@ -127,6 +137,7 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 CHOICES: dict[str, tuple] = {
+    "model.rating_head": tuple(HEADS),
     "model.dtype": DTYPES,
     "model.attention_impl": ATTENTION_IMPLS,
     "train.schedule": SCHEDULES,
@@ -145,6 +156,8 @@ POSITIVE = (
     "train.log_every",
     "train.checkpoint_every",
     "train.keep_checkpoints",
+    "model.rating_hidden_size",
+    "model.rating_layers",
 )
 NON_NEGATIVE = (
     "train.warmup_steps",
@@ -155,6 +168,8 @@ NON_NEGATIVE = (
     "train.stage1_max_steps",
     "eval.max_examples",
     "eval.subset_seed",
+    "train.text_weight",
+    "train.rating_weight",
 )
 
 

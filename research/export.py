@@ -111,6 +111,7 @@ def write_export(folder: Path, run, source: dict[str, Any]) -> dict[str, Any]:
         "conditioning": {k: list(v.shape) for k, v in tensors.items()},
         "users": list(run.dataset.users),
         "items": list(run.dataset.items),
+        "rating_mean": run.dataset.rating_mean,  # where a rating head starts (rating.py)
         "config": run.cfg.to_dict(),
     }
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=1, default=list) + "\n")
@@ -200,7 +201,7 @@ def load_export(folder: str | Path) -> ExportedRun:
     else:
         cfg.init.encoder = ""
     users, items = manifest["users"], manifest["items"]
-    model, _ = build_generator(cfg, len(users), len(items))
+    model, _ = build_generator(cfg, len(users), len(items), rating_mean=manifest.get("rating_mean"))
     flat = {}
     for part in manifest["parts"]:
         _, params = load_part(folder / part, part)

@@ -10,12 +10,14 @@ import csv
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from research import cli
 from research.config import ConfigError, load_config_file
 from research.eval.ablate import command_grid, grid_runs, run_ablation
-from research.eval.evaluate import evaluate_run
+from research.eval.evaluate import evaluate_run, load_run
+from research.eval.pepler_compat import rating_errors
 from research.eval.tables import results_markdown
 
 CONFIG = Path(__file__).parent / "configs" / "tiny_ablation.py"
@@ -47,6 +49,13 @@ def test_every_run_lands_with_metrics_and_tables(ablation: Path):
             assert {"user", "item", "reference", "generated", "sampling"} <= set(
                 json.loads(samples[0])
             )
+            rated = [json.loads(line) for line in samples]
+            assert all(1.0 <= row["predicted_rating"] <= 5.0 for row in rated)  # clamped
+            recomputed = rating_errors(
+                [r["rating"] for r in rated], [r["predicted_rating"] for r in rated], 1.0, 5.0
+            )
+            for key in ("rmse", "mae"):
+                assert metrics[key] == pytest.approx(recomputed[key], abs=1e-9), key
     with (ablation / "results.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert sorted((r["cell"], r["seed"]) for r in rows) == sorted(
@@ -175,7 +184,6 @@ def test_notebook_executes_on_the_ablation(ablation: Path, monkeypatch):
 
 
 def test_generate_from_user_and_item_and_the_unknown_id_error(ablation: Path, capsys):
-    from research.eval.evaluate import load_run
     from research.eval.single import encoder_input_for
 
     rundir = ablation / "id_prompt" / "seed0"
@@ -189,7 +197,8 @@ def test_generate_from_user_and_item_and_the_unknown_id_error(ablation: Path, ca
     assert cli.main([*argv, "--user", record.user]) == 0
     out, err = capsys.readouterr()
     assert "data.encoder_input='user_item_history'" in err and "[CLS] user: <" in err
-    assert out.count("\n") == 1  # the review (empty if EOS came first)
+    # The review (empty if EOS came first), then the MF head's rating of the known pair.
+    assert out.count("\n") == 2 and out.splitlines()[1].startswith("predicted rating: ")
     assert cli.main([*argv, "--user", "nobody"]) == 2
     err = capsys.readouterr().err
     assert "--user 'nobody' is not a user of the run's training data" in err
@@ -203,3 +212,22 @@ def test_generate_text_warns_for_unseen_ids_when_the_method_reads_no_ids(ablatio
     out, err = capsys.readouterr()
     assert "warning: --user 'nobody' has no training reviews" in err
     assert "trained input (data.encoder_input=" in err and out.count("\n") == 1
+
+
+def test_generate_for_one_text_prints_the_mf_rating_of_the_prompt_tables(ablation: Path, capsys):
+    """MF under id_prompt rates a known (user, item): mean + <user row, item row> of the tables."""
+    rundir = ablation / "id_prompt" / "seed0"
+    first = json.loads((rundir / "eval" / "test" / "samples.jsonl").read_text().splitlines()[0])
+    argv = ["generate", "--workdir", str(rundir), "--text", "the sound is good"]
+    assert cli.main([*argv, "--user", first["user"], "--item", first["item"]]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    rating = float(
+        next(line for line in printed if line.startswith("predicted rating:")).split()[-1]
+    )
+    run = load_run(rundir)
+    tables = run.params["conditioning_id_prompt"]
+    user = np.asarray(tables["user"]["embedding"])[run.dataset.user_index[first["user"]]]
+    item = np.asarray(tables["item"]["embedding"])[run.dataset.item_index[first["item"]]]
+    expected = np.clip(run.dataset.rating_mean + user @ item, *run.dataset.rating_range)
+    assert rating == pytest.approx(expected, abs=0.006)  # printed with two decimals
+    assert rating == pytest.approx(first["predicted_rating"], abs=0.006)  # same pair as scored

@@ -78,7 +78,8 @@ class TokenizedSplit:
     ``user``/``item`` int32 [n] (0 = not seen in training); ``decoder`` rows are
     BOS + target tokens + EOS; ``encoder`` rows are [CLS] ... [SEP] (None without an encoder
     input); ``target_texts`` the untruncated targets; ``target_token_counts`` int64 [n] their
-    lengths in decoder tokens before the cut to ``max_target_tokens``.
+    lengths in decoder tokens before the cut to ``max_target_tokens``; ``rating`` float32 [n],
+    NaN where a record has none (None: no record has one).
     """
 
     name: str
@@ -91,6 +92,7 @@ class TokenizedSplit:
     encoder: Ragged | None
     decoder_pad: int = DECODER_PAD
     encoder_pad: int = ENCODER_PAD
+    rating: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.records)

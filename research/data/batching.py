@@ -32,8 +32,10 @@ def make_batch(
 
     Returns int32 arrays: ``decoder_ids``/``decoder_mask`` [batch, T], ``encoder_ids``/
     ``encoder_mask`` [batch, S] (when the split has encoder inputs), ``user``/``item``/
-    ``example`` [batch]. T and S are the buckets of the longest row of the global batch.
-    Padding rows have example -1, user/item 0, pad ids and all-zero masks.
+    ``example`` [batch], and float32 ``rating`` with int32 ``rating_mask`` [batch] (1 where the
+    row is real and has a rating; ``rating`` is 0 elsewhere). T and S are the buckets of the
+    longest row of the global batch. Padding rows have example -1, user/item 0, pad ids and
+    all-zero masks.
     """
     real = rows[rows >= 0]
     batch_rows = rows[local]
@@ -48,6 +50,10 @@ def make_batch(
         "item": np.where(is_real, split.item[safe_rows], 0).astype(np.int32),
         "example": batch_rows.astype(np.int32),
     }
+    rating = np.full(len(batch_rows), np.nan) if split.rating is None else split.rating[safe_rows]
+    rated = is_real & np.isfinite(rating)
+    batch["rating"] = np.where(rated, rating, 0.0).astype(np.float32)
+    batch["rating_mask"] = rated.astype(np.int32)
     if split.encoder is not None:
         length = bucket_length(int(split.encoder.lengths_of(real).max(initial=1)), encoder_buckets)
         batch["encoder_ids"], batch["encoder_mask"] = split.encoder.padded(

@@ -60,6 +60,9 @@ class Dataset:
 
     ``users[k]``/``items[k]`` is the raw id of dense index k (``users[0] == ""``: unseen);
     ``user_index``/``item_index`` map raw ids to dense indices (train users/items only).
+    ``rating_range`` is the (lowest, highest) rating of the train split and ``rating_mean`` its
+    mean, both None when it has none; predicted ratings are clamped to the range before scoring,
+    as PETER/PEPLER do, and rating heads start from the mean.
     """
 
     config: ml_collections.ConfigDict
@@ -72,6 +75,8 @@ class Dataset:
     target_buckets: tuple[int, ...]
     encoder_buckets: tuple[int, ...]
     decoder_tokenizer: PreTrainedTokenizerBase
+    rating_range: tuple[float, float] | None = None
+    rating_mean: float | None = None
 
     @property
     def num_users(self) -> int:
@@ -321,7 +326,11 @@ def load_dataset(
             encoder=encoder,
             decoder_pad=decoder_tok.pad_token_id,
             encoder_pad=encoder_tok.pad_token_id,
+            rating=np.array(
+                [np.nan if r.rating is None else r.rating for r in split_records], np.float32
+            ),
         )
+    train_ratings = splits["train"].rating[np.isfinite(splits["train"].rating)]
     report = _report(cfg, loaded, splits, users, items)
     if workdir is not None:
         Path(workdir).mkdir(parents=True, exist_ok=True)
@@ -337,6 +346,10 @@ def load_dataset(
         target_buckets=effective_buckets(cfg.target_buckets, cfg.max_target_tokens + 2),
         encoder_buckets=effective_buckets(cfg.encoder_buckets, cfg.max_encoder_tokens),
         decoder_tokenizer=decoder_tok,
+        rating_range=(
+            (float(train_ratings.min()), float(train_ratings.max())) if len(train_ratings) else None
+        ),
+        rating_mean=float(train_ratings.mean(dtype=np.float64)) if len(train_ratings) else None,
     )
 
 

@@ -1,9 +1,13 @@
 """Evaluate a trained run: generate a split, score it, write ``eval/<split>/``.
 
 ``research evaluate --workdir DIR --split test`` writes ``DIR/eval/test/metrics.json`` (the
-field's metrics, library metrics, perplexity; no timestamps, so the same run evaluates to the
-same file) and ``samples.jsonl`` (user, item, reference, generated, sampling settings).
-``research generate`` writes only samples, or prints the review for one conditioning text.
+field's metrics, library metrics, perplexity, and when the data has ratings ``rmse``/``mae``;
+no timestamps, so the same run evaluates to the same file) and ``samples.jsonl`` (user, item,
+reference, generated, sampling settings, true and predicted rating). Predicted ratings are
+clamped to the training split's [min, max] before scoring, as PETER/PEPLER do; with
+``model.rating_head=none`` the prediction is the training split's mean rating, the baseline
+every head must beat. ``research generate`` writes only samples, or prints the review (and,
+where the head can rate from the text, the rating) for one conditioning text.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from research import compilation_cache
 from research.config import apply_override, from_json_dict, validate
 from research.data.pipeline import Dataset, load_dataset_logged
 from research.eval.metrics import output_shape_metrics, text_metrics
+from research.eval.pepler_compat import rating_errors
 from research.eval.tables import TABLE_METRICS
 from research.models.build import build_generator
 from research.models.generator import Generator, init_generator
@@ -102,7 +107,9 @@ def load_run(workdir: str | Path, overrides=(), which: str | None = None) -> Loa
         changed = config_changes(current_config(read_run_record(workdir)), config_json(cfg))
         record_invocation(Path(workdir), cfg, "evaluate", changed)
     dataset = load_dataset_logged(cfg.data)
-    model, _ = build_generator(cfg, dataset.num_users, dataset.num_items)
+    model, _ = build_generator(
+        cfg, dataset.num_users, dataset.num_items, rating_mean=dataset.rating_mean
+    )
     params, step = restore_params(workdir, model, which or cfg.eval.checkpoint)
     features = None
     if feature_cache.wanted(cfg, model, tuple(cfg.train.trainable)):
@@ -124,9 +131,28 @@ def split_perplexity(run: LoadedRun, split: str, max_examples: int = 0) -> float
     examples = eval_examples(run, split, max_examples)
     for batch in run.batches(split, run.cfg.train.eval_batch_size, examples):
         batch = {k: v for k, v in batch.items() if k != "example"}
-        t, c = step(params, shard(batch, devices))
-        total, count = total + float(t[0]), count + float(c[0])
+        sums = step(params, shard(batch, devices))
+        total, count = total + float(sums["loss_sum"][0]), count + float(sums["tokens"][0])
     return math.exp(total / max(count, 1.0))
+
+
+def predicted_ratings(run: LoadedRun, split: str, examples: np.ndarray | None = None) -> np.ndarray:
+    """float64 ``[len(split)]``: the predicted rating of each example (of ``examples``, NaN
+    elsewhere), unclamped.
+
+    From the conditioning alone (``Generator.predict_rating``); the training split's mean
+    rating for the ``none`` head. Needs a train split with ratings.
+    """
+    size = len(run.dataset.splits[split])
+    if not run.model.spec.rating.predicts:
+        return np.full(size, run.dataset.rating_mean, np.float64)
+    predict = jax.jit(lambda p, b: run.model.apply({"params": p}, b, method="predict_rating"))
+    ratings = np.full(size, np.nan)
+    for batch in run.batches(split, run.cfg.train.eval_batch_size, examples):
+        real = batch["example"] >= 0
+        inputs = {k: v for k, v in batch.items() if k not in ("example", "rating", "rating_mask")}
+        ratings[batch["example"][real]] = np.asarray(predict(run.params, inputs))[real]
+    return ratings
 
 
 def generate_split(run: LoadedRun, split: str, max_examples: int = 0) -> list[dict[str, Any]]:
@@ -136,6 +162,8 @@ def generate_split(run: LoadedRun, split: str, max_examples: int = 0) -> list[di
     references = run.dataset.reference_texts(split)
     examples = eval_examples(run, split, max_examples)
     batches = run.batches(split, sampling.batch_size, examples)
+    has_ratings = run.dataset.rating_range is not None
+    ratings = predicted_ratings(run, split, examples) if has_ratings else None
     rows = []
     for out in generate_for_split(
         run.model, run.params, batches, run.dataset.decoder_tokenizer, sampling
@@ -149,6 +177,13 @@ def generate_split(run: LoadedRun, split: str, max_examples: int = 0) -> list[di
                 "features": list(record.features),
                 "reference": references[out.example],
                 "generated": out.text,
+                "rating": record.rating,
+                # Clamped to the training split's range, as scored.
+                "predicted_rating": (
+                    float(np.clip(ratings[out.example], *run.dataset.rating_range))
+                    if has_ratings
+                    else None
+                ),
                 "sampling": dataclasses.asdict(sampling),
             }
         )
@@ -178,6 +213,15 @@ def evaluate_run(workdir: str | Path, split: str = "test", overrides=()) -> dict
         feature_vocab=sorted(train_features) if has_features else None,
     )
     metrics.update(output_shape_metrics([r["generated"] for r in rows]))
+    rated = [r for r in rows if r["rating"] is not None and r["predicted_rating"] is not None]
+    if rated:
+        metrics.update(
+            rating_errors(
+                [r["rating"] for r in rated],
+                [r["predicted_rating"] for r in rated],
+                *run.dataset.rating_range,
+            )
+        )
     with compile_log():
         metrics["perplexity"] = split_perplexity(run, split, max_examples)
     metrics["num_examples"] = len(rows)
@@ -215,7 +259,7 @@ def format_metrics(metrics: dict[str, float]) -> str:
 
 def generate_command(args, overrides) -> int:
     """``research generate``: a split to JSON lines, or one input (text or user+item) to stdout."""
-    from research.eval.single import generate_one, input_format
+    from research.eval.single import generate_one, input_format, rate_one
 
     run = load_run(args.workdir, overrides)
     if args.text is None and not (args.user or args.item):
@@ -229,4 +273,7 @@ def generate_command(args, overrides) -> int:
         return 0
     print(input_format(run), file=sys.stderr)
     print(generate_one(run, args.text, args.user, args.item))
+    rating = rate_one(run, args.text, args.user, args.item)
+    if rating is not None:
+        print(f"predicted rating: {rating:.2f}")
     return 0

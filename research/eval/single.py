@@ -4,7 +4,8 @@
 trained on (``input_format``). ``--user U --item I`` builds the encoder input the way training
 did, from the run's training histories. A user or item the run never saw is an error when the
 method reads ids (its embedding row 0 was never trained); methods that only read text take any
-id, with a warning naming what the encoder gets instead.
+id, with a warning naming what the encoder gets instead. ``rate_one`` gives the rating head's
+prediction for the same input where the head can rate it.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from research.data.encoder_inputs import (
     training_histories,
 )
 from research.data.records import Review
+from research.models.conditioning import needs_encoder
+from research.models.rating import head_reads_text
 from research.sampling import SamplingConfig, generate
 
 INPUT_FORMATS = {
@@ -99,9 +102,10 @@ def encoder_input_for(run, user: str, item: str) -> list[int]:
     return row
 
 
-def generate_one(run, text: str | None = None, user: str = "", item: str = "") -> str:
-    """The review the model writes for a conditioning ``text`` or for (``user``, ``item``)."""
-    _check_ids(run, user, item, text is not None)
+def one_batch(run, text: str | None = None, user: str = "", item: str = "", check=True) -> dict:
+    """The one-row batch for a conditioning ``text`` or for (``user``, ``item``)."""
+    if check:  # errors for unseen ids the method reads, warnings for the others
+        _check_ids(run, user, item, text is not None)
     batch = {
         "example": np.zeros((1,), np.int32),
         "user": np.array([run.dataset.user_index.get(user, 0)], np.int32),
@@ -118,9 +122,34 @@ def generate_one(run, text: str | None = None, user: str = "", item: str = "") -
             ids = encoder_input_for(run, user, item)
         batch["encoder_ids"] = np.array([ids], np.int32)
         batch["encoder_mask"] = np.ones((1, len(ids)), np.int32)
+    return batch
+
+
+def generate_one(run, text: str | None = None, user: str = "", item: str = "") -> str:
+    """The review the model writes for a conditioning ``text`` or for (``user``, ``item``)."""
+    batch = one_batch(run, text, user, item)
     sampling = SamplingConfig.from_config(run.cfg.sampling)
     tokens = generate(run.model, run.params, batch, dataclasses.replace(sampling, batch_size=1))
     eos = run.model.spec.decoder.eos_token_id
     row = tokens[0].tolist()
     row = row[: row.index(eos)] if eos in row else row
     return run.dataset.decoder_tokenizer.decode(row, skip_special_tokens=True).strip()
+
+
+def rate_one(run, text: str | None = None, user: str = "", item: str = "") -> float | None:
+    """The predicted rating for the same input, clamped to the training split's range.
+
+    None where the head cannot rate what was given: the ``none`` head, and heads that read
+    ids (``mf``, ``mlp``, ``decoder`` under id-only conditioning) without a training user and
+    item.
+    """
+    spec = run.model.spec
+    knows_ids = user in run.dataset.user_index and item in run.dataset.item_index
+    reads_text = head_reads_text(spec.rating, needs_encoder(spec.conditioning))
+    if not spec.rating.predicts or not (reads_text or knows_ids):
+        return None
+    batch = one_batch(run, text, user, item, check=False)  # generate_one checked them
+    batch = {k: v for k, v in batch.items() if k != "example"}
+    rating = float(run.model.apply({"params": run.params}, batch, method="predict_rating")[0])
+    low, high = run.dataset.rating_range
+    return min(max(rating, low), high)

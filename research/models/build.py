@@ -13,6 +13,7 @@ from research.models import families
 from research.models.conditioning import hyperparameters, needs_encoder, parse_conditioning
 from research.models.generator import Generator, GeneratorSpec, init_generator, load_part
 from research.models.hf import read_config
+from research.models.rating import RatingHeadSpec
 from research.runs import is_run_source, run_part_config, run_part_params
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -60,9 +61,16 @@ def pretrained_part(source: str, kind: str) -> dict[str, Any]:
 
 
 def build_generator(
-    cfg: ml_collections.ConfigDict, num_users: int, num_items: int, rng: jax.Array | None = None
+    cfg: ml_collections.ConfigDict,
+    num_users: int,
+    num_items: int,
+    rng: jax.Array | None = None,
+    rating_mean: float | None = None,
 ) -> tuple[Generator, dict[str, Any] | None]:
     """``(model, params)`` for ``cfg.model``/``cfg.init``; params are None when ``rng`` is.
+
+    ``rating_mean`` (the training split's mean rating, ``Dataset.rating_mean``) is where a
+    rating head starts; a head needs it.
 
     Pretrained folders (``init.decoder``, ``init.encoder``), or ``run:WORKDIR`` (that run's best
     checkpoint, ``research/runs.py``), fix their architecture and, with ``rng``, their weights;
@@ -70,7 +78,19 @@ def build_generator(
     trained from scratch.
     """
     methods = parse_conditioning(cfg.model.conditioning)
-    uses_encoder = needs_encoder(methods)
+    if cfg.model.rating_head != "none" and rating_mean is None:
+        raise ValueError(
+            f"model.rating_head={cfg.model.rating_head!r} predicts ratings, but the train split "
+            f"of data.source={cfg.data.source!r} has none"
+        )
+    rating = RatingHeadSpec(
+        cfg.model.rating_head,
+        cfg.model.rating_hidden_size,
+        cfg.model.rating_layers,
+        cfg.model.pooling,
+        float(rating_mean or 0.0),
+    )
+    uses_encoder = needs_encoder(methods) or rating.needs_encoder
     spec = GeneratorSpec(
         decoder=part_architecture(cfg, "decoder", "config"),
         encoder=part_architecture(cfg, "encoder", "config") if uses_encoder else None,
@@ -78,6 +98,7 @@ def build_generator(
         options={name: cfg.model[name] for name in hyperparameters(methods)},
         num_users=num_users,
         num_items=num_items,
+        rating=rating,
     )
     model = Generator(spec, DTYPES[cfg.model.dtype], cfg.model.attention_impl or None)
     if rng is None:

@@ -16,7 +16,9 @@ What a family's pieces must do:
   conditioning methods' ``decoder_options`` (e.g. ``cross_attention_every``);
   ``__call__(input_ids, attention_mask=None, inputs=None, *, cache=None, cache_index=0,
   deterministic=True)`` with ``inputs`` a ``DecoderInputs``; logits
-  ``[batch, prefix + seq, vocab]``, or ``(logits, cache)`` when given a cache.
+  ``[batch, prefix + seq, vocab]``, or ``(logits, cache)`` when given a cache; with
+  ``return_hidden=True`` (and no cache) ``(logits, hidden)``, ``hidden`` the final hidden
+  states ``[batch, prefix + seq, hidden]`` (the ``decoder`` rating head reads them).
 * encoder ``module_cls(config, dtype)``; ``__call__(input_ids, attention_mask,
   deterministic=...)`` returns an object whose ``last_hidden_state`` is ``[batch, seq, E]``.
 * ``hf``: the checkpoint conversion table (:class:`HFConversion`).

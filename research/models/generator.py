@@ -4,7 +4,8 @@ Batches are dicts of arrays (``research/data``): ``decoder_ids``/``decoder_mask`
 ``encoder_ids``/``encoder_mask`` ``[batch, S]`` when an encoder is used, ``user``/``item``
 ``[batch]``. Parameters split into three groups that training can freeze separately:
 ``encoder``, ``decoder`` and ``conditioning`` (everything the conditioning method added,
-including the decoder sublayers a method owns, e.g. cross-attention).
+including the decoder sublayers a method owns, e.g. cross-attention, and the rating head of
+``research/models/rating.py``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from research.models import conditioning as cond
 from research.models import families
 from research.models.decoder_inputs import DecoderInputs
 from research.models.hf import CheckpointError, load_pretrained
+from research.models.rating import RatingHeadSpec, RatingSources, make_head
 
 GROUPS = ("encoder", "decoder", "conditioning")
 
@@ -41,6 +43,7 @@ class GeneratorSpec:
     options: Any = ()
     num_users: int = 1
     num_items: int = 1
+    rating: RatingHeadSpec = RatingHeadSpec()
 
     def __post_init__(self):
         options, known = dict(self.options), cond.hyperparameters()
@@ -54,6 +57,11 @@ class GeneratorSpec:
                 f"model.conditioning={'+'.join(self.conditioning)!r} reads the encoder, "
                 "but no encoder is configured (set model.encoder)"
             )
+        if self.rating.needs_encoder and self.encoder is None:
+            raise ValueError(
+                "model.rating_head='encoder' reads the encoder, but no encoder is configured "
+                "(set model.encoder)"
+            )
 
     def option(self, name: str) -> Any:
         """A conditioning hyperparameter: as set, else its registered default."""
@@ -61,7 +69,7 @@ class GeneratorSpec:
 
     @property
     def uses_encoder(self) -> bool:
-        return cond.needs_encoder(self.conditioning)
+        return cond.needs_encoder(self.conditioning) or self.rating.needs_encoder
 
     @property
     def decoder_family(self) -> families.DecoderFamily:
@@ -107,6 +115,7 @@ class Generator(nn.Module):
         self.conditioning = {
             method.method_name: method.from_spec(s, self.dtype) for method in methods
         }
+        self.rating = make_head(s.rating, s.d_model, s.num_users, s.num_items)
 
     def encode(self, batch: dict[str, jax.Array], deterministic: bool = True):
         """Encoder states ``[batch, S, E]`` and mask ``[batch, S]``.
@@ -124,14 +133,73 @@ class Generator(nn.Module):
 
     def condition(self, batch: dict[str, jax.Array], deterministic: bool = True):
         """Run the encoder (if any) and every conditioning method -> ``DecoderInputs``."""
+        return self._condition(batch, deterministic)[0]
+
+    def _sources(self, batch, deterministic: bool, encode: bool) -> cond.Sources:
+        """What conditioning reads; the encoder runs only when ``encode``."""
         states = mask = None
-        if self.spec.uses_encoder:
+        if encode:
             states, mask = self.encode(batch, deterministic)
-        sources = cond.Sources(states, mask, {key: batch[key] for key in self.spec.id_keys})
+        return cond.Sources(states, mask, {key: batch[key] for key in self.spec.id_keys})
+
+    def _condition(self, batch, deterministic):
+        """``(DecoderInputs, Sources)``: the decoder's hooks and what they were made from."""
+        sources = self._sources(batch, deterministic, self.spec.uses_encoder)
         inputs = DecoderInputs()
         for method in self.spec.conditioning:
             inputs = inputs.merge(self.conditioning[method](sources))
-        return inputs
+        return inputs, sources
+
+    def _rate(self, batch, sources: cond.Sources, decoder_state: jax.Array | None):
+        """``[batch]`` predicted ratings (None for the ``none`` head)."""
+        if not self.spec.rating.predicts:
+            return None
+        id_vectors = None
+        if self.spec.rating.reads_ids and "id_prompt" in self.spec.conditioning:
+            # The prompt's two prefix vectors are the user's and the item's embeddings: the
+            # MF/MLP heads share PEPLER's tables instead of owning their own.
+            prompt = self.conditioning["id_prompt"](sources).prefix_embeds
+            id_vectors = (prompt[:, 0], prompt[:, 1])
+        return self.rating(
+            RatingSources(
+                user=batch.get("user"),
+                item=batch.get("item"),
+                id_vectors=id_vectors,
+                encoder_states=sources.encoder_states,
+                encoder_mask=sources.encoder_mask,
+                decoder_state=decoder_state,
+            )
+        )
+
+    def logits_and_rating(self, batch: dict[str, jax.Array], deterministic: bool = True):
+        """``(logits [batch, T, vocab], rating [batch] or None)`` in one pass.
+
+        The ``decoder`` head reads the final hidden state at the BOS position (the first
+        decoder token, after every prefix vector), which no target token can reach.
+        """
+        inputs, sources = self._condition(batch, deterministic)
+        wants_state = self.spec.rating.needs_decoder_state
+        out = self.decode(
+            batch["decoder_ids"],
+            batch["decoder_mask"],
+            inputs,
+            deterministic=deterministic,
+            return_hidden=wants_state,
+        )
+        logits, hidden = out if wants_state else (out, None)
+        bos_state = None if hidden is None else hidden[:, inputs.prefix_length]
+        return logits[:, inputs.prefix_length :], self._rate(batch, sources, bos_state)
+
+    def predict_rating(self, batch: dict[str, jax.Array]) -> jax.Array | None:
+        """``[batch]`` predicted ratings from the conditioning alone (no target tokens read)."""
+        if not self.spec.rating.needs_decoder_state:  # the encoder only if the head reads it
+            return self._rate(
+                batch, self._sources(batch, True, self.spec.rating.needs_encoder), None
+            )
+        bos_id = self.spec.decoder_family.special_ids(self.spec.decoder)[0]
+        bos = jnp.full((batch["user"].shape[0], 1), bos_id, jnp.int32)
+        rating_batch = dict(batch, decoder_ids=bos, decoder_mask=jnp.ones_like(bos))
+        return self.logits_and_rating(rating_batch)[1]
 
     def decode(
         self,
@@ -141,6 +209,7 @@ class Generator(nn.Module):
         cache: dict | None = None,
         cache_index: jax.Array | int = 0,
         deterministic: bool = True,
+        return_hidden: bool = False,
     ):
         """The decoder under ``inputs``; see the family's module (``GPT2LMHead.__call__``) for
         the cache contract."""
@@ -151,14 +220,11 @@ class Generator(nn.Module):
             cache=cache,
             cache_index=cache_index,
             deterministic=deterministic,
+            **({"return_hidden": True} if return_hidden else {}),
         )
 
     def __call__(self, batch: dict[str, jax.Array], deterministic: bool = True) -> jax.Array:
-        inputs = self.condition(batch, deterministic)
-        logits = self.decode(
-            batch["decoder_ids"], batch["decoder_mask"], inputs, deterministic=deterministic
-        )
-        return logits[:, inputs.prefix_length :]
+        return self.logits_and_rating(batch, deterministic)[0]
 
 
 def param_group(path: tuple[str, ...]) -> str:

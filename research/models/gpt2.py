@@ -309,6 +309,7 @@ class GPT2LMHead(nn.Module):
         cache: dict[str, Any] | None = None,
         cache_index: jax.Array | int = 0,
         deterministic: bool = True,
+        return_hidden: bool = False,
     ):
         """Logits ``[batch, prefix + seq, vocab]`` (float32), or ``(logits, cache)`` with a cache.
 
@@ -326,6 +327,8 @@ class GPT2LMHead(nn.Module):
           cache, cache_index: decoding state from :func:`init_cache`; this call's tokens
             (after any prefix) occupy cache slots ``[cache_index, cache_index + prefix + seq)``.
           deterministic: False enables dropout (needs a ``dropout`` rng).
+          return_hidden: without a cache, return ``(logits, hidden)``, ``hidden`` the final
+            hidden states ``[batch, prefix + seq, d_model]`` (after ``ln_f``).
         """
         inputs = DecoderInputs() if inputs is None else inputs
         prefix_embeds, embed_offset = inputs.prefix_embeds, inputs.embed_offset
@@ -376,7 +379,7 @@ class GPT2LMHead(nn.Module):
         x = self.ln_f(x)
         logits = self.wte.attend(x.astype(self.dtype)).astype(jnp.float32)
         if cache is None:
-            return logits
+            return (logits, x) if return_hidden else logits
         return logits, {"self": new_self, "cross": cross_kv}
 
 

@@ -280,10 +280,11 @@ class LlamaLM(nn.Module):
         cache: dict[str, Any] | None = None,
         cache_index: jax.Array | int = 0,
         deterministic: bool = True,
+        return_hidden: bool = False,
     ):
         """Logits ``[batch, prefix + seq, vocab]`` (float32), or ``(logits, cache)`` with a cache.
 
-        Arguments as for ``GPT2LMHead``: ``attention_mask`` is ``[batch, seq]`` without a cache
+        Arguments as for ``GPT2LMHead`` (``return_hidden``: also the states after ``norm``): ``attention_mask`` is ``[batch, seq]`` without a cache
         and ``[batch, max_len]`` (every slot) with one; positions default to the mask's running
         count, so the first token after a ``P``-vector prefix sits at position ``P``.
         """
@@ -342,7 +343,7 @@ class LlamaLM(nn.Module):
         head = self.embed_tokens.attend if cfg.tie_word_embeddings else self.lm_head
         logits = head(x).astype(jnp.float32)
         if cache is None:
-            return logits
+            return (logits, x) if return_hidden else logits
         return logits, {"self": new_self, "cross": cross_kv}
 
 

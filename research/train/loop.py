@@ -127,7 +127,7 @@ class Trainer:
         root = jax.random.key(cfg.seed)
         init_key, self.dropout_seed = jax.random.split(root)
         self.model, self.initial_params = build_generator(
-            cfg, dataset.num_users, dataset.num_items, init_key
+            cfg, dataset.num_users, dataset.num_items, init_key, dataset.rating_mean
         )
         # Parts that stay as their init folder has them: checkpoints leave them out.
         self.frozen = frozen_init.frozen_parts(cfg, self.initial_params)
@@ -165,15 +165,21 @@ class Trainer:
         trainable = _trainable(self.cfg, stage)
         labels = trainable_labels(self.initial_params, trainable)
         model = self.model.clone(frozen_encoder="encoder" not in trainable)
-        return make_train_step(model, tx, labels, self.schedule)
+        weights = {"text_weight": self.cfg.train.text_weight}
+        weights["rating_weight"] = self.cfg.train.rating_weight
+        return make_train_step(model, tx, labels, self.schedule, **weights)
 
     def validation_examples(self):
         """The seeded sample of max_eval_batches batches (None: the whole split)."""
         count = self.cfg.train.max_eval_batches * self.cfg.train.eval_batch_size
         return self.dataset.eval_subset("validation", count, self.cfg.eval.subset_seed)
 
-    def evaluate(self, params_replicated, split: str = "validation") -> float:
-        """Mean per-token loss over ``split`` (validation: its seeded max_eval_batches sample)."""
+    def evaluate(self, params_replicated, split: str = "validation") -> dict[str, float]:
+        """Losses over ``split`` (validation: its seeded max_eval_batches sample).
+
+        ``loss``: mean per target token; with a rating head ``rating_mse``; ``objective``: both
+        weighted as in training (checkpoints and the two-stage switch follow it).
+        """
         examples = self.validation_examples() if split == "validation" else None
         batches = self.dataset.eval_iterator(
             split, self.cfg.train.eval_batch_size, jax.process_index(), self.processes, examples
@@ -182,10 +188,13 @@ class Trainer:
         for batch in batches:
             batch = self.host_batch(batch, split)
             sums.append(self.eval_step(params_replicated, shard(batch, self.devices)))
-        fetched = jax.device_get(sums)
-        total = sum(float(t[0]) for t, _ in fetched)
-        count = sum(float(c[0]) for _, c in fetched)
-        return total / max(count, 1.0)
+        totals = {key: sum(float(s[key][0]) for s in jax.device_get(sums)) for key in sums[0]}
+        loss = totals["loss_sum"] / max(totals["tokens"], 1.0)
+        losses = {"loss": loss, "objective": self.cfg.train.text_weight * loss}
+        if "rated" in totals:
+            losses["rating_mse"] = totals["rating_sq_error"] / max(totals["rated"], 1.0)
+            losses["objective"] += self.cfg.train.rating_weight * losses["rating_mse"]
+        return losses
 
 
 def validation_line(step: int, loss: float, best: float) -> str:
@@ -411,25 +420,27 @@ def _run(cfg, workdir, trainer, checkpoints, progress, data, tx, state, step):
                         "learning_rate": row["learning_rate"],
                         "tokens_per_s": tokens_per_s,
                         "grad_norm": row["grad_norm"],
+                        **{k: row[k] for k in ("rating_mse",) if k in row},
                     },
                 )
             bar.update(1)  # after set_postfix: a log file's line shows this step's loss
             val_loss = None
             if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
                 step_metrics.fetch()
-                val_loss = trainer.evaluate(state["params"])
-                log.write(
-                    step,
-                    "validation",
-                    {"loss": val_loss, "perplexity": math.exp(min(val_loss, 50.0))},
-                )
+                losses = trainer.evaluate(state["params"])
+                val_loss = losses.pop("objective")
+                perplexity = math.exp(min(losses["loss"], 50.0))
+                log.write(step, "validation", {**losses, "perplexity": perplexity})
                 improved = progress.best_val_loss is None or val_loss < progress.best_val_loss
                 progress.best_val_loss = val_loss if improved else progress.best_val_loss
                 progress.evals_without_improvement = (
                     0 if improved else progress.evals_without_improvement + 1
                 )
                 if primary:
-                    bar.write(validation_line(step, val_loss, progress.best_val_loss))
+                    line = validation_line(step, val_loss, progress.best_val_loss)
+                    if "rating_mse" in losses:  # val_loss is then the weighted objective
+                        line += f"; text loss {losses['loss']:.4f}, rating MSE {losses['rating_mse']:.4f}"
+                    bar.write(line)
             switch = progress.stage == 1 and (
                 step >= cfg.train.stage1_max_steps
                 or progress.evals_without_improvement >= cfg.train.stage1_patience

@@ -2,9 +2,11 @@
 
 Device layout: ``state`` is replicated over local devices; every batch array has shape
 ``[devices, accum_steps, per_device_batch, ...]`` for training and ``[devices, batch, ...]``
-for evaluation. Losses are token-weighted: each device returns sums, ``psum`` adds them over
-the device axis, and the mean is taken once, so the update does not depend on how the
-global batch is split over devices or accumulation steps (up to float rounding).
+for evaluation. The text loss is a mean per target token and the rating loss a mean per rated
+example of the GLOBAL batch: both counts are taken from the masks (``psum`` over devices) before
+any forward pass, each micro-batch's objective divides its sums by them, and the gradients add
+up, so the update does not depend on how the global batch is split over devices or
+accumulation steps (up to float rounding).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from research.train.loss import token_loss_sums
+from research.train.loss import rating_loss_sums, target_weights, token_loss_sums
 
 AXIS = "devices"
 State = dict[str, Any]  # {"step": int32 [], "params": tree, "opt_state": tree}
@@ -50,50 +52,68 @@ def make_train_step(
     labels: dict[str, Any],
     schedule: optax.Schedule,
     *,
+    text_weight: float = 1.0,
+    rating_weight: float = 0.0,
     deterministic: bool = False,
     donate: bool = True,
 ) -> Callable:
     """pmapped ``step(state, batch, seed_key) -> (state, metrics)``.
 
     ``labels`` ("train"/"frozen" per parameter) are static: a stage change makes a new step.
-    ``seed_key`` is the run's base key, replicated. Metrics (replicated, identical on every
-    device): ``loss`` (mean per target token), ``tokens``, ``grad_norm``, ``learning_rate``.
-    A step whose loss or gradient norm is not finite returns ``state`` unchanged.
+    ``seed_key`` is the run's base key, replicated. The objective is ``text_weight`` x the mean
+    per-token loss + ``rating_weight`` x the mean squared rating error (when the model has a
+    rating head). Metrics (replicated, identical on every device): ``loss`` (mean per target
+    token), ``tokens``, ``grad_norm``, ``learning_rate``, and with a rating head
+    ``rating_mse`` and ``rated`` (examples with a rating). A step whose loss or gradient norm
+    is not finite returns ``state`` unchanged.
     """
+    rates = model.spec.rating.predicts
 
-    def loss_sums(params, micro_batch, key):
-        logits = model.apply(
+    def objective(params, micro_batch, key, tokens, rated):
+        logits, rating = model.apply(
             {"params": _stop_frozen(params, labels)},
             micro_batch,
             deterministic=deterministic,
             rngs={"dropout": key},
+            method="logits_and_rating",
         )
-        total, count = token_loss_sums(
-            logits, micro_batch["decoder_ids"], micro_batch["decoder_mask"]
-        )
-        return total, count
+        sums = {
+            "text": token_loss_sums(
+                logits, micro_batch["decoder_ids"], micro_batch["decoder_mask"]
+            )[0]
+        }
+        value = text_weight * sums["text"] / tokens
+        if rates:
+            sums["rating"] = rating_loss_sums(
+                rating, micro_batch["rating"], micro_batch["rating_mask"]
+            )[0]
+            value = value + rating_weight * sums["rating"] / rated
+        return value, sums
 
-    grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
+    grad_fn = jax.grad(objective, has_aux=True)
 
     def step(state, batch, seed_key):
         accum = jax.tree_util.tree_leaves(batch)[0].shape[0]
+        # Global counts first: every micro-batch's objective is then already a share of the mean.
+        tokens = jnp.maximum(jax.lax.psum(target_weights(batch["decoder_mask"]).sum(), AXIS), 1.0)
+        rated = jnp.ones(())
+        if rates:
+            rated = jnp.maximum(
+                jax.lax.psum(batch["rating_mask"].sum(dtype=jnp.float32), AXIS), 1.0
+            )
 
         def micro(carry, inputs):
-            grads, total, count = carry
+            grads, sums = carry
             i, micro_batch = inputs
-            (t, c), g = grad_fn(
-                state["params"], micro_batch, dropout_key(seed_key, state["step"], i)
-            )
-            return (jax.tree_util.tree_map(jnp.add, grads, g), total + t, count + c), None
+            key = dropout_key(seed_key, state["step"], i)
+            g, s = grad_fn(state["params"], micro_batch, key, tokens, rated)
+            return jax.tree_util.tree_map(jnp.add, (grads, sums), (g, s)), None
 
         zeros = jax.tree_util.tree_map(jnp.zeros_like, state["params"])
-        (grads, total, count), _ = jax.lax.scan(
-            micro, (zeros, jnp.zeros(()), jnp.zeros(())), (jnp.arange(accum), batch)
-        )
-        count = jax.lax.psum(count, AXIS)
-        norm = jnp.maximum(count, 1.0)
-        grads = jax.tree_util.tree_map(lambda g: jax.lax.psum(g, AXIS) / norm, grads)
-        loss = jax.lax.psum(total, AXIS) / norm
+        no_sums = {"text": jnp.zeros(())} | ({"rating": jnp.zeros(())} if rates else {})
+        (grads, sums), _ = jax.lax.scan(micro, (zeros, no_sums), (jnp.arange(accum), batch))
+        grads = jax.lax.psum(grads, AXIS)
+        loss = jax.lax.psum(sums["text"], AXIS) / tokens
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         new_state = {
             "step": state["step"] + 1,
@@ -109,22 +129,37 @@ def make_train_step(
         )
         metrics = {
             "loss": loss,
-            "tokens": count,
+            "tokens": tokens,
             "grad_norm": grad_norm,
             "learning_rate": schedule(state["step"]),
         }
+        if rates:
+            metrics["rating_mse"] = jax.lax.psum(sums["rating"], AXIS) / rated
+            metrics["rated"] = rated
         return new_state, metrics
 
     return jax.pmap(step, axis_name=AXIS, donate_argnums=(0,) if donate else ())
 
 
 def make_eval_step(model: Any) -> Callable:
-    """pmapped ``eval_step(params, batch) -> (loss_sum, token_count)``, summed over devices."""
+    """pmapped ``eval_step(params, batch) -> sums``, each summed over devices.
+
+    ``sums``: ``loss_sum`` and ``tokens`` (the text loss), and with a rating head
+    ``rating_sq_error`` and ``rated``.
+    """
+    rates = model.spec.rating.predicts
 
     def step(params, batch):
-        logits = model.apply({"params": params}, batch, deterministic=True)
+        logits, rating = model.apply(
+            {"params": params}, batch, deterministic=True, method="logits_and_rating"
+        )
         total, count = token_loss_sums(logits, batch["decoder_ids"], batch["decoder_mask"])
-        return jax.lax.psum(total, AXIS), jax.lax.psum(count, AXIS)
+        sums = {"loss_sum": total, "tokens": count}
+        if rates:
+            sums["rating_sq_error"], sums["rated"] = rating_loss_sums(
+                rating, batch["rating"], batch["rating_mask"]
+            )
+        return jax.lax.psum(sums, AXIS)
 
     return jax.pmap(step, axis_name=AXIS)
 
