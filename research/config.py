@@ -24,6 +24,7 @@ from research.data.config import data_config, validate_data_config
 from research.models import conditioning
 from research.models.build import scratch_family
 from research.models.generator import GROUPS
+from research.models.lora import LoRAConfig
 from research.models.rating import HEADS
 from research.runs import tokenizer_source
 from research.sampling import SamplingConfig, sampling_config
@@ -52,6 +53,11 @@ def default_config() -> ml_collections.ConfigDict:
     cfg.model.rating_layers = 3
     cfg.model.dtype = "float32"  # compute dtype; parameters stay float32
     cfg.model.attention_impl = ""  # "" lets JAX choose; "cudnn" for fused GPU attention
+    # LoRA adapters (research/models/lora.py); rank 0 = none. Empty targets = each family's
+    # attention q/k/v/o. Train them alone with train.trainable=("lora",).
+    cfg.model.lora = ml_collections.ConfigDict(
+        {"rank": 0, "alpha": 16.0, "dropout": 0.0, "targets": (), "parts": ("decoder",)}
+    )
     # Architectures used when init.decoder / init.encoder are empty (trained from scratch).
     cfg.model.decoder = ml_collections.ConfigDict(
         {
@@ -260,8 +266,11 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         groups = tuple(get(cfg, key))
         if not groups or set(groups) - set(GROUPS):
             raise ConfigError(f"{key}={groups!r}: choose a non-empty subset of {list(GROUPS)}")
+        if "lora" in groups and cfg.model.lora.rank == 0:
+            raise ConfigError(f"{key} has 'lora', but model.lora.rank=0 adds no adapters")
     try:
         conditioning.parse_conditioning(cfg.model.conditioning)
+        LoRAConfig.from_config(cfg.model.lora)
         for name, hp in conditioning.hyperparameters().items():
             hp.validate(cfg.model[name])
         validate_data_config(cfg.data)

@@ -280,6 +280,9 @@ BERT_TABLE = (
 )
 # fmt: on
 
+# Attention q/k/v and its output projection (not the MLP's ``output/dense``).
+LORA_TARGETS = ("attention/self/(query|key|value)", "attention/output/dense")
+
 FAMILY = families.register(
     families.EncoderFamily(
         model_type="bert",
@@ -294,5 +297,6 @@ FAMILY = families.register(
         ),
         position_limit=lambda c: c.max_position_embeddings,
         hidden_size=lambda c: c.hidden_size,
+        lora_targets=LORA_TARGETS,
     )
 )

@@ -13,6 +13,7 @@ from research.models import families
 from research.models.conditioning import hyperparameters, needs_encoder, parse_conditioning
 from research.models.generator import Generator, GeneratorSpec, init_generator, load_part
 from research.models.hf import read_config
+from research.models.lora import LoRAConfig
 from research.models.rating import RatingHeadSpec
 from research.runs import is_run_source, run_part_config, run_part_params
 
@@ -51,6 +52,12 @@ def part_architecture(cfg: ml_collections.ConfigDict, kind: str, source: str):
     if kind == "encoder" and not needs_encoder(parse_conditioning(cfg.model.conditioning)):
         raise ValueError(f"{source!r} has no encoder (conditioning {cfg.model.conditioning!r})")
     return _architecture(cfg.init[kind], cfg.model[kind], kind)
+
+
+def lora_config(cfg: ml_collections.ConfigDict) -> LoRAConfig | None:
+    """``model.lora`` (None when its rank is 0, or in run.json files from before LoRA)."""
+    lora = LoRAConfig.from_config(cfg.model.get("lora", {}))
+    return lora if lora.rank else None
 
 
 def pretrained_part(source: str, kind: str) -> dict[str, Any]:
@@ -99,6 +106,7 @@ def build_generator(
         num_users=num_users,
         num_items=num_items,
         rating=rating,
+        lora=lora_config(cfg),
     )
     model = Generator(spec, DTYPES[cfg.model.dtype], cfg.model.attention_impl or None)
     if rng is None:

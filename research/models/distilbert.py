@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from research.models import families
 from research.models.attention import padding_mask
-from research.models.bert import ACTIVATIONS, BertConfig, BertOutput, Encoder
+from research.models.bert import ACTIVATIONS, LORA_TARGETS, BertConfig, BertOutput, Encoder
 
 # (Hugging Face name, Flax path, layout); torch Linear weights are transposed.
 # fmt: off
@@ -173,5 +173,6 @@ FAMILY = families.register(
         ),
         position_limit=lambda c: c.max_position_embeddings,
         hidden_size=lambda c: c.hidden_size,
+        lora_targets=LORA_TARGETS,
     )
 )

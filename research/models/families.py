@@ -82,6 +82,8 @@ class DecoderFamily:
     # (bos, eos, pad) ids; generated rows hold pad after their EOS. (Tokenizers come from the
     # model folder: research/data/tokenizers.py, decoder_tokenizer.)
     special_ids: Callable[[Any], tuple[int, int, int]]
+    # Default LoRA targets: regexes of layer paths (research/models/lora.py), attention q/k/v/o.
+    lora_targets: tuple[str, ...] = ()
     kind = "decoder"
 
 
@@ -95,6 +97,7 @@ class EncoderFamily:
     hf: HFConversion
     position_limit: Callable[[Any], int]
     hidden_size: Callable[[Any], int]  # E, the width of last_hidden_state
+    lora_targets: tuple[str, ...] = ()  # as DecoderFamily.lora_targets
     kind = "encoder"
 
 

@@ -5,7 +5,8 @@ Batches are dicts of arrays (``research/data``): ``decoder_ids``/``decoder_mask`
 ``[batch]``. Parameters split into three groups that training can freeze separately:
 ``encoder``, ``decoder`` and ``conditioning`` (everything the conditioning method added,
 including the decoder sublayers a method owns, e.g. cross-attention, and the rating head of
-``research/models/rating.py``).
+``research/models/rating.py``); with ``model.lora``, a fourth, ``lora``, holds the adapters
+(``research/models/lora.py``).
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ from flax import traverse_util
 
 from research.models import conditioning as cond
 from research.models import families
+from research.models import lora as lora_lib
 from research.models.decoder_inputs import DecoderInputs
 from research.models.hf import CheckpointError, load_pretrained
 from research.models.rating import RatingHeadSpec, RatingSources, make_head
 
-GROUPS = ("encoder", "decoder", "conditioning")
+GROUPS = ("encoder", "decoder", "conditioning", "lora")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +46,7 @@ class GeneratorSpec:
     num_users: int = 1
     num_items: int = 1
     rating: RatingHeadSpec = RatingHeadSpec()
+    lora: lora_lib.LoRAConfig | None = None  # adapters on the decoder/encoder, or none
 
     def __post_init__(self):
         options, known = dict(self.options), cond.hyperparameters()
@@ -128,7 +131,8 @@ class Generator(nn.Module):
         if "encoder_states" in batch:
             return batch["encoder_states"].astype(self.dtype), mask
         deterministic = deterministic or self.frozen_encoder
-        states = self.encoder(batch["encoder_ids"], mask, deterministic=deterministic)
+        with self._adapters("encoder", deterministic):
+            states = self.encoder(batch["encoder_ids"], mask, deterministic=deterministic)
         return states.last_hidden_state, mask
 
     def condition(self, batch: dict[str, jax.Array], deterministic: bool = True):
@@ -213,22 +217,42 @@ class Generator(nn.Module):
     ):
         """The decoder under ``inputs``; see the family's module (``GPT2LMHead.__call__``) for
         the cache contract."""
-        return self.decoder(
-            input_ids,
-            attention_mask,
-            inputs,
-            cache=cache,
-            cache_index=cache_index,
-            deterministic=deterministic,
-            **({"return_hidden": True} if return_hidden else {}),
+        with self._adapters("decoder", deterministic):
+            return self.decoder(
+                input_ids,
+                attention_mask,
+                inputs,
+                cache=cache,
+                cache_index=cache_index,
+                deterministic=deterministic,
+                **({"return_hidden": True} if return_hidden else {}),
+            )
+
+    def _adapters(self, part: str, deterministic: bool):
+        """The LoRA adapters of ``part`` ("decoder"/"encoder"), active in a ``with`` block."""
+        lora = self.spec.lora
+        if lora is None or part not in lora.parts:
+            return lora_lib.adapters(None, ())
+        config = self.spec.decoder if part == "decoder" else self.spec.encoder
+        return lora_lib.adapters(
+            lora, lora.targets_for(families.family(config.model_type)), deterministic
         )
 
     def __call__(self, batch: dict[str, jax.Array], deterministic: bool = True) -> jax.Array:
         return self.logits_and_rating(batch, deterministic)[0]
 
 
+def part_trains(spec: GeneratorSpec, part: str, trainable: tuple[str, ...]) -> bool:
+    """Whether training the ``trainable`` groups changes what ``part`` ("encoder"/"decoder")
+    computes: its own group trains, or LoRA adapters on it do."""
+    adapted = spec.lora is not None and part in spec.lora.parts
+    return part in trainable or ("lora" in trainable and adapted)
+
+
 def param_group(path: tuple[str, ...]) -> str:
     """Which group a parameter (path of keys in the params tree) belongs to."""
+    if path[-1] in lora_lib.ADAPTER_NAMES:
+        return "lora"
     if path[0] == "encoder":
         return "encoder"
     if path[0] == "decoder":

@@ -423,5 +423,6 @@ FAMILY = families.register(
         hidden_size=lambda c: c.n_embd,
         # GPT-2 has no pad token: <|endoftext|> is BOS, EOS and pad (research/data/tokenizers.py).
         special_ids=lambda c: (c.bos_token_id, c.eos_token_id, c.eos_token_id),
+        lora_targets=("attn/c_attn", "attn/c_proj"),  # fused q/k/v, and o
     )
 )

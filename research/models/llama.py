@@ -375,5 +375,6 @@ for _model_type, _config_cls in CONFIGS.items():
             position_limit=lambda c: c.max_position_embeddings,
             hidden_size=lambda c: c.hidden_size,
             special_ids=_special_ids,
+            lora_targets=(r"self_attn/[qkvo]_proj",),
         )
     )

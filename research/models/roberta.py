@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from research.models import families
-from research.models.bert import BERT_TABLE, BertConfig, BertEncoder
+from research.models.bert import BERT_TABLE, LORA_TARGETS, BertConfig, BertEncoder
 
 ARCHITECTURES = {"roberta": "RobertaModel", "xlm-roberta": "XLMRobertaModel"}
 
@@ -88,5 +88,6 @@ for _model_type, _config_cls in CONFIGS.items():
             ),
             position_limit=lambda c: c.max_position_embeddings,
             hidden_size=lambda c: c.hidden_size,
+            lora_targets=LORA_TARGETS,
         )
     )

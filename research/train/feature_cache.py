@@ -46,7 +46,7 @@ from research.data.arrays import TokenizedSplit
 from research.data.batching import bucket_length
 from research.data.pipeline import Dataset
 from research.models.conditioning import pool
-from research.models.generator import Generator
+from research.models.generator import Generator, part_trains
 
 # Bump when the stored arrays would change for the same key (a change in how they are made).
 VERSION = 1
@@ -58,7 +58,8 @@ POOLED_METHODS = frozenset({"prefix", "additive"})
 
 def wanted(cfg: ml_collections.ConfigDict, model: Generator, trainable: tuple[str, ...]) -> bool:
     """Whether runs with ``trainable`` groups read cached features instead of the encoder."""
-    return model.spec.uses_encoder and "encoder" not in trainable and cfg.cache.features_dir != OFF
+    frozen = not part_trains(model.spec, "encoder", trainable)
+    return model.spec.uses_encoder and frozen and cfg.cache.features_dir != OFF
 
 
 @dataclasses.dataclass

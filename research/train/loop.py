@@ -33,7 +33,7 @@ from flax import jax_utils
 from research import compilation_cache
 from research.data.pipeline import REPORT_FILE, Dataset, load_dataset_logged, subset_record
 from research.models.build import build_generator
-from research.models.generator import parameter_summary
+from research.models.generator import parameter_summary, part_trains
 from research.progress import compile_log, progress_bar
 from research.train import distributed, feature_cache, frozen_init
 from research.train.checkpoint import Checkpointer
@@ -164,7 +164,9 @@ class Trainer:
     def train_step(self, stage: int, tx):
         trainable = _trainable(self.cfg, stage)
         labels = trainable_labels(self.initial_params, trainable)
-        model = self.model.clone(frozen_encoder="encoder" not in trainable)
+        model = self.model.clone(
+            frozen_encoder=not part_trains(self.model.spec, "encoder", trainable)
+        )
         weights = {"text_weight": self.cfg.train.text_weight}
         weights["rating_weight"] = self.cfg.train.rating_weight
         return make_train_step(model, tx, labels, self.schedule, **weights)
