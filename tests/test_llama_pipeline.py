@@ -268,12 +268,20 @@ def test_incremental_decoding_equals_full_forward(conditioning, llama_pair):
 
 def test_every_conditioning_method_trains_a_llama(tiny_llama_torch_and_folder):
     """Three steps of the real train step from the pretrained tiny Llama: the loss falls and
-    every group moves (decoder, encoder, conditioning), every method's parameters included."""
+    every group moves (decoder, encoder, conditioning), every method's parameters included,
+    and the rating head that reads the Llama's final hidden state."""
     reference, folder = tiny_llama_torch_and_folder
-    overrides = [("init.decoder", str(folder)), ("model.conditioning", ALL_METHODS)]
+    overrides = [
+        ("init.decoder", str(folder)),
+        ("model.conditioning", ALL_METHODS),
+        ("model.rating_head", "decoder"),
+    ]
     cfg = load_config(TINY, [*overrides, *LLAMA_TARGETS])
     dataset = load_dataset(cfg.data)
-    model, params = build_generator(cfg, dataset.num_users, dataset.num_items, jax.random.key(0))
+    model, params = build_generator(
+        cfg, dataset.num_users, dataset.num_items, jax.random.key(0), dataset.rating_mean
+    )
+    assert "rating" in params
     embed = params["decoder"]["embed_tokens"]["embedding"]
     np.testing.assert_array_equal(embed, reference.model.embed_tokens.weight.detach().numpy())
     schedule = optax.constant_schedule(1e-3)
