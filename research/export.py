@@ -23,6 +23,10 @@ The export folder (format version 1) holds:
     ``items``, raw ids in table order (index 0 stands for "unseen in training"); ``conditioning``,
     the shape of every tensor of ``conditioning.safetensors``.
 
+LoRA adapters (``model.lora``) are merged into the decoder/encoder weights, so the folders are
+plain Hugging Face models; the config then records ``model.lora.rank=0`` (the adapters' settings
+stay in ``source.lora``) and the trainable groups name the merged parts instead of ``lora``.
+
 :func:`load_export` rebuilds the generator and all its parameters from these files alone.
 Writing happens in a hidden folder beside ``OUT`` that is renamed into place at the end, so an
 interrupted export leaves ``OUT`` as it was; a non-empty ``OUT`` is only replaced with ``force``.
@@ -47,7 +51,7 @@ from safetensors.numpy import load_file, save_file
 
 from research.config import from_json_dict
 from research.data import tokenizers
-from research.models import families, hf
+from research.models import families, hf, lora
 from research.models.build import build_generator
 from research.models.generator import Generator, init_generator, load_part
 from research.runs import hf_part
@@ -89,7 +93,12 @@ def _part_tokenizer(cfg: ml_collections.ConfigDict, part: str):
 def write_export(folder: Path, run, source: dict[str, Any]) -> dict[str, Any]:
     """Write the files of a :class:`~research.eval.evaluate.LoadedRun` into ``folder``."""
     spec, rest, parts = run.model.spec, {}, []
-    for top, tree in jax.device_get(run.params).items():
+    params, run_config = jax.device_get(run.params), run.cfg.to_dict()
+    if spec.lora is not None:
+        params = lora.merge(params, spec.lora)
+        run_config = _merged_config(run_config, spec.lora)
+        source = {**source, "lora": dataclasses.asdict(spec.lora)}
+    for top, tree in params.items():
         config = getattr(spec, top, None) if top in PARTS else None
         if config is None:
             rest.update(
@@ -112,10 +121,23 @@ def write_export(folder: Path, run, source: dict[str, Any]) -> dict[str, Any]:
         "users": list(run.dataset.users),
         "items": list(run.dataset.items),
         "rating_mean": run.dataset.rating_mean,  # where a rating head starts (rating.py)
-        "config": run.cfg.to_dict(),
+        "config": run_config,
     }
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=1, default=list) + "\n")
     return manifest
+
+
+def _merged_config(config: dict[str, Any], adapters: lora.LoRAConfig) -> dict[str, Any]:
+    """The run's config as it describes the merged model: no adapters; what trained as
+    ``lora`` now lives in the parts that carried them."""
+    model, train = dict(config["model"]), dict(config["train"])
+    model["lora"] = {**model["lora"], "rank": 0}
+    for key in ("trainable", "stage1_trainable"):
+        groups = [g for g in train[key] if g != "lora"]
+        if len(groups) < len(train[key]):
+            groups += [p for p in adapters.parts if p not in groups]
+        train[key] = groups
+    return {**config, "model": model, "train": train}
 
 
 def export_run(

@@ -6,15 +6,23 @@ code), the parameters before training (bitwise), one device against four.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
+import transformers
 from flax import traverse_util
 
 from research import config as config_lib
+from research.config import load_config
+from research.eval.evaluate import load_run
+from research.export import export_run, load_export
 from research.models import lora as lora_lib
 from research.models.bert import BertConfig
+from research.models.decoder_inputs import DecoderInputs
 from research.models.generator import (
     Generator,
     GeneratorSpec,
@@ -24,6 +32,7 @@ from research.models.generator import (
 )
 from research.models.gpt2 import GPT2Config
 from research.models.llama_config import LlamaConfig
+from research.train.loop import train
 from research.train.optim import learning_rate_schedule, make_optimizer, trainable_labels
 from research.train.steps import init_state, make_train_step, replicate, shard
 
@@ -227,3 +236,45 @@ def test_adapters_on_the_encoder_make_it_train():
     assert not part_trains(decoder_only, "encoder", ("lora",))
     assert not part_trains(adapted, "encoder", ("conditioning",))
     assert part_trains(decoder_only, "encoder", ("encoder",))
+
+
+TINY_RUN = Path(__file__).parent / "configs" / "tiny.py"
+LORA_RUN = (
+    ("model.lora.rank", "4"),
+    ("train.trainable", "('lora', 'conditioning')"),
+    ("train.steps", "2"),
+    ("train.warmup_steps", "0"),
+    ("train.schedule", "constant"),
+    ("train.learning_rate", "0.05"),  # big steps: the adapters move well away from zero
+    ("train.eval_every", "2"),
+    ("train.checkpoint_every", "2"),
+    ("train.tensorboard", "false"),
+)
+
+
+def test_export_writes_merged_weights_transformers_reads(tmp_path):
+    workdir, out = tmp_path / "run", tmp_path / "export"
+    train(load_config(TINY_RUN, LORA_RUN), workdir)
+    run = load_run(workdir)
+    assert np.abs(np.asarray(run.params["decoder"]["h_0"]["attn"]["c_attn"]["lora_b"])).max() > 0
+    export_run(workdir, out)
+    ids = np.asarray(next(iter(run.dataset.eval_iterator("test", 8)))["decoder_ids"])
+    ours = run.model.apply(
+        {"params": run.params}, ids, np.ones_like(ids), DecoderInputs(), method=Generator.decode
+    )
+    reference = transformers.GPT2LMHeadModel.from_pretrained(out / "decoder").eval()
+    with torch.no_grad():
+        theirs = reference(input_ids=torch.as_tensor(ids).long()).logits.numpy()
+    np.testing.assert_allclose(theirs, np.asarray(ours), atol=1e-4, rtol=0)
+    # The export alone restores the run: its config has no adapters left to build.
+    restored = load_export(out)
+    assert restored.model.spec.lora is None
+    assert tuple(restored.cfg.train.trainable) == ("conditioning", "decoder")
+    batch = {k: v for k, v in next(iter(run.dataset.eval_iterator("test", 8))).items()}
+    batch = {k: batch[k] for k in ("decoder_ids", "decoder_mask", *run.model.spec.batch_keys)}
+    np.testing.assert_allclose(
+        np.asarray(restored.model.apply({"params": restored.params}, batch)),
+        np.asarray(run.model.apply({"params": run.params}, batch)),
+        atol=1e-4,
+        rtol=0,
+    )
