@@ -28,6 +28,7 @@ from research.bench.common import (
     make_setup,
     matmul_flops,
 )
+from research.bench.report import _value
 from research.config import ConfigError
 
 EXPECTED_ROWS = {
@@ -37,10 +38,14 @@ EXPECTED_ROWS = {
     ("generate", "batch 2"),
     ("compile", "train step"),
     ("compile", "sampler"),
+    ("compile", "train step, warm persistent cache"),
     ("memory", "training, 2 steps"),
     ("train_llama", "2 x 16 tokens"),
     ("generate_llama", "batch 1"),
     ("generate_llama", "batch 2"),
+    ("train_frozen_encoder", "prefix, 4 x (16 encoder + 16) tokens"),
+    ("train_frozen_encoder", "cross_attention, 4 x (16 encoder + 16) tokens"),
+    ("loop_overhead", "train() vs its bare step, 8 x GPT-2 1x64"),
 }
 
 
@@ -114,6 +119,9 @@ def test_smoke_compile_memory_and_mfu_fields(smoke):
         row = by_key[("compile", case)]
         # The first call compiles, so it takes longer than the next one.
         assert row["ours"] > row["ours_next_call_s"] > 0
+    warm = by_key[("compile", "train step, warm persistent cache")]
+    # Loaded from the cache an identical process filled: faster than that process's compile.
+    assert 0 < warm["ours"] < warm["ours_cold_cache_s"]
     memory = by_key[("memory", "training, 2 steps")]
     for side in ("ours", "reference"):
         assert 100 < memory[side] < 64 * 1024  # MiB
@@ -122,8 +130,17 @@ def test_smoke_compile_memory_and_mfu_fields(smoke):
     for name in ("train_lm", "train_conditioned"):
         row = next(r for r in written if r["measurement"] == name)
         assert row["peak_flops"] > 1e9 and row["peak_source"] == "measured matmul"
+        assert row["matmul_flops_per_s"]["trials"] == len(MEASUREMENTS) + 1
         for side in ("ours", "reference"):
             assert 0 < row["mfu"][side] < 1.5
+            assert row["mfu_valid"][side] == (row["mfu"][side] <= 1.0)
+
+
+def test_mfu_above_the_peak_is_printed_as_an_invalid_peak():
+    row = {"ours": 50.0, "unit": "tokens/s", "mfu": {"ours": 1.13}, "mfu_valid": {"ours": False}}
+    assert _value(row, "ours") == "50.0 tokens/s (MFU invalid peak)"
+    row |= {"mfu": {"ours": 0.98}, "mfu_valid": {"ours": True}}
+    assert _value(row, "ours") == "50.0 tokens/s (MFU 98%)"
 
 
 def test_smoke_prints_the_markdown_table(smoke):
@@ -176,6 +193,11 @@ def test_targets_and_card_peaks():
     assert check({"ratio": 1.3}) and not check({"ratio": 1.2}) and not check({"ratio": None})
     assert target_for("cpu", "generate", "batch 16")[1]({"ratio": 3.1})
     assert not target_for("cpu", "compile", "sampler")[1]({"ours": 12.0})
+    assert not target_for("cpu", "compile", "train step, warm persistent cache")[1]({"ours": 4.0})
+    prefix = target_for("cpu", "train_frozen_encoder", "prefix, 64 x (256 encoder + 22) tokens")
+    cross = target_for("cpu", "train_frozen_encoder", "cross_attention, 64 x (256 + 22)")
+    assert prefix[0] == ">= 3x" and cross[0] == ">= 2x" and cross[1]({"ratio": 2.1})
+    assert not target_for("cpu", "loop_overhead", "train()")[1]({"ratio": 0.9})
     assert target_for("gpu", "train_lm", "16 x 1024 tokens")[1]({"mfu": {"ours": 0.45}})
     assert target_for("smoke", "train_lm", "2 x 16 tokens") is None
     assert card_peak_flops("NVIDIA H100 80GB HBM3") == 989e12

@@ -17,6 +17,9 @@ Measurements (``--only NAME``, repeatable):
   sampler, each in a fresh process (nothing cached), next to PyTorch's first call.
 * ``memory``: peak resident memory of a process that trains (first step and a few more),
   ours and PyTorch's, each in a fresh process.
+* ``train_frozen_encoder`` (a frozen encoder read from its feature cache vs PEPLER-style
+  PyTorch encoding every step), ``loop_overhead`` (``train()`` vs its bare step) and
+  ``compile``'s warm-cache case: :mod:`.throughput`.
 
 Every timed measurement warms up, then takes turns (ours, reference, ours, ...) and reports
 medians, so the ratio holds on a busy machine. Output: one JSON line per row (machine, device,

@@ -17,6 +17,13 @@ def target_for(
             return ">= 1.5x", lambda r: r["ratio"] is not None and r["ratio"] >= 1.5
         if measurement == "generate" and case == "batch 16":
             return ">= 3x", lambda r: r["ratio"] is not None and r["ratio"] >= 3.0
+    if setup in ("cpu", "gpu") and measurement == "train_frozen_encoder":
+        least = 3.0 if case.startswith("prefix") else 2.0
+        return f">= {least:g}x", lambda r: r["ratio"] is not None and r["ratio"] >= least
+    if setup in ("cpu", "gpu") and measurement == "loop_overhead":
+        return ">= 0.95", lambda r: r["ratio"] >= 0.95
+    if setup in ("cpu", "gpu") and measurement == "compile" and "warm" in case:
+        return "< 3 s", lambda r: r["ours"] < 3.0
     if setup in ("cpu", "gpu") and measurement == "compile":
         return "< 10 s", lambda r: r["ours"] < 10.0
     if setup == "gpu" and measurement == "train_lm":
@@ -33,6 +40,8 @@ def _value(row: dict[str, Any], side: str) -> str:
         return "n/a"
     text = f"{value:,.1f} {row['unit']}" if value >= 10 else f"{value:.2f} {row['unit']}"
     mfu = row.get("mfu", {}).get(side)
+    if mfu is not None and not row["mfu_valid"][side]:
+        return f"{text} (MFU invalid peak)"
     return f"{text} (MFU {100 * mfu:.0f}%)" if mfu is not None else text
 
 

@@ -10,7 +10,7 @@ import time
 from typing import Any
 
 from research.bench.common import default_setup_name, environment, make_setup, now
-from research.bench.measure import MEASURE, MEASUREMENTS, Run
+from research.bench.measure import MEASURE, MEASUREMENTS, Run, final_mfu
 from research.bench.report import markdown_table, target_for
 
 
@@ -40,6 +40,7 @@ def run_bench(
         for name in names:
             print(f"[bench] {name} ({run.setup.name}) ...", file=sys.stderr, flush=True)
             start = time.perf_counter()
+            run.sample_peak()
             for row in MEASURE[name](run):
                 row = _complete(row, run)
                 rows.append(row)
@@ -49,6 +50,13 @@ def run_bench(
             gc.collect()
             took = time.perf_counter() - start
             print(f"[bench] {name} took {took:.0f} s", file=sys.stderr, flush=True)
+        if any("model_flops_per_step" in row for row in rows):
+            run.sample_peak()
+            rows = [final_mfu(row, run) for row in rows]
+            if out is not None:  # the rows again, against the run's best peak
+                out.seek(0)
+                out.truncate()
+                out.writelines(json.dumps(row) + "\n" for row in rows)
     finally:
         if out is not None:
             out.close()
