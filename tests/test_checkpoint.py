@@ -328,13 +328,18 @@ def _biggest_file(folder: Path) -> Path:
     return max((p for p in folder.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
 
 
+def _data_files(folder: Path) -> list[Path]:
+    """Every array data file of an item (OCDBT may keep them per process or merged at the top)."""
+    return [p for p in folder.rglob("*") if p.is_file() and p.parent.name == "d"]
+
+
 def _truncate(path: Path) -> None:
     with path.open("r+b") as f:
         f.truncate(path.stat().st_size // 2)
 
 
 DAMAGE = {
-    "truncated_array": lambda step: _truncate(_biggest_file(step / "params" / "ocdbt.process_0")),
+    "truncated_array": lambda step: [_truncate(f) for f in _data_files(step / "params")],
     "deleted_array": lambda step: _biggest_file(step / "params").unlink(),
     "deleted_metadata": lambda step: (step / "params" / "_METADATA").unlink(),
     "truncated_meta": lambda step: _truncate(step / "meta" / "metadata"),

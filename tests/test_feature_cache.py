@@ -56,7 +56,7 @@ def losses(trainer: loop.Trainer, tx, raw_batches) -> list[float]:
     for raw in raw_batches:
         state, metrics = step(state, shard(trainer.host_batch(raw, "train"), devices, 1), seed)
         out.append(float(metrics["loss"][0]))
-    return [*out, trainer.evaluate(state["params"])]
+    return [*out, trainer.evaluate(state["params"])["loss"]]
 
 
 @pytest.mark.parametrize(

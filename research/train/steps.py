@@ -46,6 +46,19 @@ def _stop_frozen(params, labels):
     )
 
 
+def _predicts_rating(model: Any) -> bool:
+    """Whether ``model`` has a rating head: a generator's spec says; a plain LM has none."""
+    spec = getattr(model, "spec", None)
+    return spec is not None and spec.rating.predicts
+
+
+def _logits_and_rating(model: Any, variables: dict, batch: dict, rates: bool, **kwargs):
+    """``(logits, rating or None)``; models without a rating head are applied plainly."""
+    if rates:
+        return model.apply(variables, batch, method="logits_and_rating", **kwargs)
+    return model.apply(variables, batch, **kwargs), None
+
+
 def make_train_step(
     model: Any,
     tx: optax.GradientTransformation,
@@ -67,15 +80,16 @@ def make_train_step(
     ``rating_mse`` and ``rated`` (examples with a rating). A step whose loss or gradient norm
     is not finite returns ``state`` unchanged.
     """
-    rates = model.spec.rating.predicts
+    rates = _predicts_rating(model)
 
     def objective(params, micro_batch, key, tokens, rated):
-        logits, rating = model.apply(
+        logits, rating = _logits_and_rating(
+            model,
             {"params": _stop_frozen(params, labels)},
             micro_batch,
+            rates,
             deterministic=deterministic,
             rngs={"dropout": key},
-            method="logits_and_rating",
         )
         sums = {
             "text": token_loss_sums(
@@ -147,11 +161,11 @@ def make_eval_step(model: Any) -> Callable:
     ``sums``: ``loss_sum`` and ``tokens`` (the text loss), and with a rating head
     ``rating_sq_error`` and ``rated``.
     """
-    rates = model.spec.rating.predicts
+    rates = _predicts_rating(model)
 
     def step(params, batch):
-        logits, rating = model.apply(
-            {"params": params}, batch, deterministic=True, method="logits_and_rating"
+        logits, rating = _logits_and_rating(
+            model, {"params": params}, batch, rates, deterministic=True
         )
         total, count = token_loss_sums(logits, batch["decoder_ids"], batch["decoder_mask"])
         sums = {"loss_sum": total, "tokens": count}
