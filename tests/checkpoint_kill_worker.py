@@ -20,6 +20,7 @@ import ml_dtypes
 import numpy as np
 
 from research.train.checkpoint import Checkpointer
+from research.train.checkpoint_damage import restore_newest
 
 KEEP_LAST = 2
 MAX_SAVES = 100
@@ -75,7 +76,7 @@ def verify_all_steps(ckpt: Checkpointer) -> None:
 def main() -> int:
     ckpt = Checkpointer(sys.argv[1], keep_last=KEEP_LAST)
     print("opening", flush=True)
-    ckpt.restore_newest(lambda meta: expected_state(meta["data_position"] // 7))
+    restore_newest(ckpt, lambda meta: expected_state(meta["data_position"] // 7))
     verify_all_steps(ckpt)
     latest = ckpt.latest_step()
     print(f"restored {latest if latest is not None else 'none'}", flush=True)

@@ -24,13 +24,8 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from research.train.checkpoint import (
-    CORRUPT_SUBDIR,
-    DELETED_SUBDIR,
-    Checkpointer,
-    CheckpointMismatch,
-    NoIntactCheckpoint,
-)
+from research.train.checkpoint import DELETED_SUBDIR, Checkpointer, CheckpointMismatch
+from research.train.checkpoint_damage import CORRUPT_SUBDIR, NoIntactCheckpoint, restore_newest
 from tests.checkpoint_kill_worker import (
     KEEP_LAST,
     assert_bitwise_equal,
@@ -359,7 +354,7 @@ def test_a_damaged_step_is_moved_aside_and_the_one_before_restores(tmp_path, dam
     DAMAGE[damage](directory / "3")
     damaged = _tree_bytes(directory / "3")
     with Checkpointer(tmp_path, keep_last=1) as ckpt:
-        step, state, meta = ckpt.restore_newest(lambda meta: jax.eval_shape(training_state))
+        step, state, meta = restore_newest(ckpt, lambda meta: jax.eval_shape(training_state))
         assert (step, meta) == (2, {"n": 2})
         assert_bitwise_equal(state, training_state(2), "fallback step")
         assert _tree_bytes(directory / CORRUPT_SUBDIR / "3") == damaged  # kept, byte for byte
@@ -391,13 +386,13 @@ def test_no_intact_step_stops_and_moves_nothing(tmp_path):
         Checkpointer(tmp_path) as ckpt,
         pytest.raises(NoIntactCheckpoint, match=r"\(step 2: .*; step 1: .*\); nothing was"),
     ):
-        ckpt.restore_newest(lambda meta: jax.eval_shape(training_state))
+        restore_newest(ckpt, lambda meta: jax.eval_shape(training_state))
     assert _tree_bytes(directory) == before
     # A config change is not damage: it is raised, not moved aside.
     with Checkpointer(tmp_path / "ok") as ckpt:
         ckpt.save(1, training_state(1), {"n": 1})
         with pytest.raises(CheckpointMismatch):
-            ckpt.restore_newest(lambda meta: {"params": {"other": jnp.zeros(2)}})
+            restore_newest(ckpt, lambda meta: {"params": {"other": jnp.zeros(2)}})
         assert ckpt.all_steps() == [1]
 
 
@@ -524,8 +519,8 @@ def test_sigkill_during_fallback_and_moving_aside_loses_nothing(tmp_path):
         # What the next run (or the train loop) finds: an intact step, bitwise. It saves the
         # next step, so the next round has an intact step below the one it damages.
         with Checkpointer(workdir, keep_last=KEEP_LAST) as ckpt:
-            step, state, _ = ckpt.restore_newest(
-                lambda meta: expected_state(meta["data_position"] // 7)
+            step, state, _ = restore_newest(
+                ckpt, lambda meta: expected_state(meta["data_position"] // 7)
             )
             assert_bitwise_equal(state, expected_state(step), f"after the kill at {delay} s")
             assert step >= newest - 1

@@ -58,6 +58,7 @@ from research.models.build import build_generator
 from research.models.generator import init_generator, param_group
 from research.train import loop
 from research.train.checkpoint import Checkpointer
+from research.train.checkpoint_damage import restore_newest
 from research.train.optim import make_optimizer
 from research.train.run_log import read_metrics
 from research.train.steps import init_state, make_train_step, replicate, shard
@@ -285,7 +286,7 @@ def restore(
 
     with Checkpointer(workdir) as checkpoints:
         if step is None:
-            resumed = checkpoints.restore_newest(target)
+            resumed = restore_newest(checkpoints, target)
             assert resumed is not None, f"no checkpoint in {workdir}"
             return resumed
         state, meta = checkpoints.restore(step, target=target(checkpoints.restore_meta(step)))

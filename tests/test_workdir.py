@@ -25,7 +25,8 @@ import pytest
 from research import cli
 from research.config import load_config
 from research.eval.evaluate import run_config
-from research.train.checkpoint import CORRUPT_SUBDIR, Checkpointer
+from research.train.checkpoint import Checkpointer
+from research.train.checkpoint_damage import CORRUPT_SUBDIR
 from research.train.frozen_init import FrozenSourceChanged
 from research.train.run_log import read_metrics, structural_hash
 

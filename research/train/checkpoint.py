@@ -31,11 +31,8 @@ Kill safety (local or network POSIX file systems):
   *rename* old steps into ``checkpoints/deleted/`` instead (atomic); we empty that folder after
   each save and on start.
 
-Damage: :meth:`Checkpointer.restore_newest` tries steps from the newest down. A step that
-fails to restore (a truncated or missing file, in any item) is named in one line and renamed
-into ``checkpoints/corrupt/<step>`` (kept, never deleted; an atomic rename, so a kill leaves it
-either in place or moved) once an older step has restored, so retention only ever counts intact
-steps. When no step restores, nothing is moved and :class:`NoIntactCheckpoint` says so.
+Damage: a step that fails to restore is handled by
+:func:`research.train.checkpoint_damage.restore_newest`, which falls back to the step before it.
 
 Read-only use (evaluation, generation, export): ``Checkpointer(workdir, read_only=True)`` never
 cleans, deletes or writes under ``checkpoints/``, so it is safe while a trainer saves.
@@ -61,10 +58,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import shutil
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -81,8 +76,6 @@ STATE_ITEM = "state"
 META_ITEM = "meta"
 # Old steps are renamed here (atomic) and then removed; Orbax ignores it: not a step name.
 DELETED_SUBDIR = "deleted"
-# Steps that failed to restore are renamed here and kept.
-CORRUPT_SUBDIR = "corrupt"
 
 
 class CheckpointMismatch(ExpectedError, ValueError):
@@ -95,11 +88,7 @@ class CheckpointWriteFailed(ExpectedError, RuntimeError):
     exit_code = 1
 
 
-class NoIntactCheckpoint(ExpectedError, RuntimeError):
-    """Checkpoints exist but none of them restores; the message lists each step's error."""
-
-
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     text = lines[0] if lines else ""
     text = text if len(text) <= 300 else text[:297] + "..."
@@ -299,7 +288,7 @@ class Checkpointer:
         except Exception as error:  # Orbax and tensorstore raise ValueError for OS errors
             raise CheckpointWriteFailed(
                 f"could not write checkpoint step {step} in {self.directory} "
-                f"({_first_line(error)}); the steps saved before it are intact and the "
+                f"({first_line(error)}); the steps saved before it are intact and the "
                 "partial one is removed on the next start: free space and rerun to resume"
             ) from error
         if not self._async_save:
@@ -322,6 +311,10 @@ class Checkpointer:
         """The validation loss saved with ``step``, or None."""
         metrics = self._manager.metrics(step)
         return None if metrics is None else metrics[VAL_LOSS]
+
+    def reload(self) -> None:
+        """Read the steps on disk again (Orbax caches them; after steps were moved away)."""
+        self._manager.reload()
 
     def _step_dir(self, step: int) -> Path:
         return self.directory / str(step)
@@ -416,69 +409,6 @@ class Checkpointer:
             step, args=ocp.args.Composite(**{META_ITEM: ocp.args.JsonRestore()})
         )
         return restored[META_ITEM]
-
-    def restore_newest(
-        self, target_for: Callable[[dict[str, Any]], Any]
-    ) -> tuple[int, Any, dict[str, Any]] | None:
-        """``(step, state, meta)`` of the newest step that restores, or None without steps.
-
-        ``target_for(meta)`` gives the target of a step from its meta. Steps newer than the one
-        restored that failed are moved to ``checkpoints/corrupt/<step>``, each named in one line
-        on stderr (process 0). A :class:`CheckpointMismatch` is not damage and is raised.
-
-        Raises:
-          NoIntactCheckpoint: there are steps but none restores (nothing is moved).
-        """
-        failures = []
-        for step in reversed(self.all_steps()):
-            meta_file = self._step_dir(step) / META_ITEM / "metadata"
-            try:
-                meta = self.restore_meta(step)
-                meta_file = None  # read: a later error is in the arrays
-                state, meta = self.restore(step, target=target_for(meta))
-            except CheckpointMismatch:
-                raise
-            except Exception as error:  # any damage: truncated, missing or garbled files
-                reason = _first_line(error)
-                if meta_file is not None and str(meta_file) not in reason:
-                    reason = f"{meta_file}: {reason}"  # JSON errors name no file
-                failures.append((step, reason))
-                if jax.process_index() == 0:
-                    print(
-                        f"warning: checkpoint {self._step_dir(step)} does not restore "
-                        f"({failures[-1][1]}); trying the step before it",
-                        file=sys.stderr,
-                        flush=True,
-                    )
-                continue
-            for bad, _ in failures:
-                self._move_aside(bad)
-            return step, state, meta
-        if failures:
-            listed = "; ".join(f"step {step}: {reason}" for step, reason in failures)
-            raise NoIntactCheckpoint(
-                f"no checkpoint in {self.directory} restores ({listed}); nothing was moved or "
-                "deleted: repair them or start in a new workdir"
-            )
-        return None
-
-    def _move_aside(self, step: int) -> None:
-        """Rename a damaged step into ``CORRUPT_SUBDIR`` (process 0), keeping any earlier one."""
-        if jax.process_index() == 0:
-            corrupt = self.directory / CORRUPT_SUBDIR
-            corrupt.mkdir(exist_ok=True)
-            name, copy = str(step), 1
-            while (corrupt / name).exists():
-                copy += 1
-                name = f"{step}-{copy}"
-            os.rename(self._step_dir(step), corrupt / name)
-            print(
-                f"warning: moved the damaged checkpoint of step {step} to {corrupt / name}",
-                file=sys.stderr,
-                flush=True,
-            )
-        # Orbax caches the steps it found; make it forget this one.
-        self._manager.reload()
 
     def _item_tree(self, step: int, item: str) -> Any:
         """The saved tree of array metadata of ``item`` (raises when it is unreadable)."""

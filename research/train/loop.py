@@ -37,6 +37,7 @@ from research.models.generator import parameter_summary, part_trains
 from research.progress import compile_log, progress_bar
 from research.train import distributed, feature_cache, frozen_init
 from research.train.checkpoint import Checkpointer
+from research.train.checkpoint_damage import restore_newest
 from research.train.optim import learning_rate_schedule, make_optimizer, trainable_labels
 from research.train.run_log import (
     MetricsLog,
@@ -268,7 +269,7 @@ def _start(cfg: ml_collections.ConfigDict, workdir: Path):
         left_out = meta.get(frozen_init.META_KEY, {})
         return {**target, "params": frozen_init.without(target["params"], left_out)}
 
-    resumed = checkpoints.restore_newest(target_for)
+    resumed = restore_newest(checkpoints, target_for)
     start = None
     if resumed is None:
         state = init_state(trainer.initial_params, trainer.optimizer(progress.stage))
