@@ -67,7 +67,7 @@ def run_part_config(source: str, part: str) -> Any:
     from research.models.build import part_architecture
 
     cfg = run_config(run_workdir(source))
-    return part_architecture(cfg, part, source)
+    return part_architecture(cfg, part, f"init.{part}={source!r}: that run")
 
 
 def run_part_params(source: str, part: str) -> tuple[Any, dict[str, Any]]:

@@ -13,8 +13,8 @@ import jax
 import numpy as np
 import pytest
 
-from research import cli
-from research.config import ConfigError
+from research import assets, cli
+from research.config import ConfigError, load_config
 from research.models import hf
 from research.models.gpt2 import GPT2Config, GPT2LMHead
 from research.train import loop
@@ -90,6 +90,30 @@ def test_model_folder_that_disagrees_with_its_weights(tmp_path, capsys, config_j
     folder = tiny_gpt2_folder(tmp_path / "gpt2", **config_json)
     argv = ["params", "--config", TINY, f"--config.init.decoder={folder}"]
     one_line_error(capsys, argv, 2, str(folder), *names)
+
+
+def test_init_folder_of_the_other_kind(tmp_path, capsys):
+    """A decoder folder given as the encoder: refused while the model is built, one line."""
+    folder = tiny_gpt2_folder(tmp_path / "gpt2")
+    argv = [
+        "params",
+        "--config",
+        TINY,
+        "--config.model.conditioning=prefix",
+        f"--config.init.encoder={folder}",
+        f"--config.data.encoder_tokenizer={assets.minilm_folder()}",
+    ]
+    one_line_error(capsys, argv, 2, f"init.encoder={str(folder)!r}", "holds a gpt2 model")
+
+
+def test_init_encoder_from_a_run_without_one(tmp_path, capsys):
+    """``init.encoder=run:DIR`` where that run (id_prompt conditioning) built no encoder."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text(json.dumps({"config": load_config(TINY).to_dict()}))
+    argv = ["params", "--config", TINY, "--config.model.conditioning=prefix"]
+    argv.append(f"--config.init.encoder=run:{run}")
+    one_line_error(capsys, argv, 2, f"init.encoder='run:{run}'", "has no encoder", "id_prompt")
 
 
 def test_checkpoint_of_another_architecture(tmp_path, capsys, monkeypatch):

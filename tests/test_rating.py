@@ -28,6 +28,7 @@ from research.data.pipeline import load_dataset
 from research.eval.pepler_compat import rating_errors
 from research.models import conditioning as cond
 from research.models.bert import BertConfig
+from research.models.build import build_generator
 from research.models.generator import GROUPS, Generator, GeneratorSpec, init_generator, param_group
 from research.models.gpt2 import GPT2Config
 from research.models.rating import HEADS, RatingHeadSpec
@@ -35,6 +36,7 @@ from research.train.loss import mean_token_loss
 from research.train.optim import make_optimizer, trainable_labels
 from research.train.steps import init_state, make_train_step, replicate, shard
 
+TINY_CONFIG = "tests/configs/tiny.py"
 VOCAB, BOS = 24, 0
 DECODER = GPT2Config(
     vocab_size=VOCAB, n_positions=16, n_embd=16, n_layer=1, n_head=2, bos_token_id=BOS,
@@ -247,10 +249,18 @@ def test_every_head_builds_and_trains_with_every_conditioning(head, conditioning
     assert rating_loss(stepped) < before
 
 
+def test_an_encoder_head_under_id_conditioning_builds_the_encoder_from_the_config():
+    """The encoder head alone makes the config's model have an encoder (``model.encoder``)."""
+    cfg = load_config(Path(__file__).parents[1] / TINY_CONFIG, [("model.rating_head", "encoder")])
+    assert not cond.needs_encoder(cond.parse_conditioning(cfg.model.conditioning))
+    model, _ = build_generator(cfg, num_users=4, num_items=4, rating_mean=3.0)
+    assert model.spec.encoder == BertConfig.from_dict(
+        {k: v for k, v in cfg.model.encoder.items() if k != "model_type"}, source="model.encoder"
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # The synthetic corpus: ratings follow the user's aspects and the item's qualities.
-
-TINY_CONFIG = "tests/configs/tiny.py"
 
 
 @pytest.fixture(scope="module")

@@ -9,15 +9,20 @@ import jax.numpy as jnp
 import ml_collections
 
 from research import assets
+from research.errors import ExpectedError
 from research.models import families
 from research.models.conditioning import hyperparameters, needs_encoder, parse_conditioning
 from research.models.generator import Generator, GeneratorSpec, init_generator, load_part
 from research.models.hf import read_config
 from research.models.lora import LoRAConfig
-from research.models.rating import RatingHeadSpec
+from research.models.rating import HEADS, RatingHeadSpec
 from research.runs import is_run_source, run_part_config, run_part_params
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class BuildError(ExpectedError, ValueError):
+    """A config whose model cannot be built from its init folders or runs; names the key."""
 
 
 def _folder(name: str) -> str:
@@ -41,16 +46,25 @@ def _architecture(folder: str, scratch: ml_collections.ConfigDict, kind: str):
     if folder:
         family, config = read_config(_folder(folder))
         if family.kind != kind:
-            raise ValueError(f"init.{kind}={folder!r} holds a {config.model_type} model")
+            raise BuildError(f"init.{kind}={folder!r} holds a {config.model_type} model")
         return config
     raw = {k: v for k, v in scratch.to_dict().items() if k != "model_type"}
     return scratch_family(scratch, kind).config_cls.from_dict(raw, source=f"model.{kind}")
 
 
+def has_encoder(cfg: ml_collections.ConfigDict) -> bool:
+    """Whether ``cfg``'s model has an encoder: its conditioning or its rating head reads one."""
+    methods = parse_conditioning(cfg.model.conditioning)
+    return needs_encoder(methods) or HEADS[cfg.model.rating_head].reads == "encoder"
+
+
 def part_architecture(cfg: ml_collections.ConfigDict, kind: str, source: str):
     """The decoder or encoder config that ``cfg`` builds (``source`` names it in errors)."""
-    if kind == "encoder" and not needs_encoder(parse_conditioning(cfg.model.conditioning)):
-        raise ValueError(f"{source!r} has no encoder (conditioning {cfg.model.conditioning!r})")
+    if kind == "encoder" and not has_encoder(cfg):
+        raise BuildError(
+            f"{source} has no encoder (its model.conditioning={cfg.model.conditioning!r} and "
+            f"model.rating_head={cfg.model.rating_head!r} read none)"
+        )
     return _architecture(cfg.init[kind], cfg.model[kind], kind)
 
 
@@ -86,7 +100,7 @@ def build_generator(
     """
     methods = parse_conditioning(cfg.model.conditioning)
     if cfg.model.rating_head != "none" and rating_mean is None:
-        raise ValueError(
+        raise BuildError(
             f"model.rating_head={cfg.model.rating_head!r} predicts ratings, but the train split "
             f"of data.source={cfg.data.source!r} has none"
         )
@@ -97,10 +111,10 @@ def build_generator(
         cfg.model.pooling,
         float(rating_mean or 0.0),
     )
-    uses_encoder = needs_encoder(methods) or rating.needs_encoder
+    uses_encoder = has_encoder(cfg)
     spec = GeneratorSpec(
-        decoder=part_architecture(cfg, "decoder", "config"),
-        encoder=part_architecture(cfg, "encoder", "config") if uses_encoder else None,
+        decoder=part_architecture(cfg, "decoder", "the config"),
+        encoder=part_architecture(cfg, "encoder", "the config") if uses_encoder else None,
         conditioning=methods,
         options={name: cfg.model[name] for name in hyperparameters(methods)},
         num_users=num_users,
