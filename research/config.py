@@ -20,7 +20,7 @@ from typing import Any
 
 import ml_collections
 
-from research.data.config import data_config, validate_data_config
+from research.data.config import DATA_CHOICES, data_config, validate_data_config
 from research.models import conditioning
 from research.models.build import scratch_family
 from research.models.generator import GROUPS
@@ -279,11 +279,35 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
             _validate_architecture(cfg, kind)
     except ValueError as err:
         raise ConfigError(str(err)) from err
+    _check_encoder_has_input(cfg)
     if cfg.train.batch_size % cfg.train.accum_steps:
         raise ConfigError(
             f"train.batch_size={cfg.train.batch_size} is not divisible by "
             f"train.accum_steps={cfg.train.accum_steps}"
         )
+
+
+def _check_encoder_has_input(cfg: ml_collections.ConfigDict) -> None:
+    """What reads the encoder needs ``data.encoder_input``: "none" gives the encoder no text."""
+    if cfg.data.encoder_input != "none":
+        return
+    inputs = [value for value in DATA_CHOICES["encoder_input"] if value != "none"]
+    if conditioning.needs_encoder(conditioning.parse_conditioning(cfg.model.conditioning)):
+        key, value = "model.conditioning", cfg.model.conditioning
+        others = [
+            name
+            for name in conditioning.valid_conditionings()
+            if not conditioning.needs_encoder(conditioning.parse_conditioning(name))
+        ]
+    elif HEADS[cfg.model.rating_head].reads == "encoder":
+        key, value = "model.rating_head", cfg.model.rating_head
+        others = [name for name, head in HEADS.items() if head.reads != "encoder"]
+    else:
+        return
+    raise ConfigError(
+        f"{key}={value!r} reads the encoder, but data.encoder_input='none' gives it nothing "
+        f"to read; set data.encoder_input to one of {inputs}, or {key} to one of {others}"
+    )
 
 
 def parse_value(text: str) -> Any:

@@ -151,6 +151,23 @@ def test_bad_model_config_on_the_command_line(override, names, capsys):
     one_line_error(capsys, ["config", "--config", TINY, override], 2, *names)
 
 
+@pytest.mark.parametrize(
+    "override, names",
+    [
+        ("--config.model.conditioning=prefix", ["model.conditioning='prefix'", "['none', 'id_"]),
+        (
+            "--config.model.rating_head=encoder",
+            ["model.rating_head='encoder'", "'mf', 'mlp', 'dec"],
+        ),
+    ],
+    ids=["conditioning", "rating_head"],
+)
+def test_an_encoder_with_no_input(override, names, capsys):
+    """What reads the encoder needs data.encoder_input; the line lists what would work."""
+    argv = ["config", "--config", TINY, "--config.data.encoder_input=none", override]
+    one_line_error(capsys, argv, 2, "data.encoder_input='none'", "'user_item_history'", *names)
+
+
 def test_unknown_model_key_in_a_config_file(tmp_path, capsys):
     """The typo the permissive reading used to train through (a 2-layer model, silently)."""
     path = tmp_path / "typo.py"
