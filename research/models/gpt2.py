@@ -33,7 +33,12 @@ import jax.numpy as jnp
 from research.models import families
 from research.models.activations import ACTIVATIONS
 from research.models.attention import attend, causal_mask, padding_mask
-from research.models.decoder_inputs import DecoderInputs
+from research.models.decoder_inputs import (
+    DecoderInputs,
+    cross_attention_kv,
+    decoder_entry,
+    has_cross_attention,
+)
 from research.models.families import KEEP
 
 
@@ -289,15 +294,16 @@ class GPT2LMHead(nn.Module):
         self.drop = nn.Dropout(cfg.embd_pdrop)
         self.h = [
             Block(
-                cfg, i, self.has_cross_attention(i), self.dtype, self.attention_impl, name=f"h_{i}"
+                cfg,
+                i,
+                has_cross_attention(self.cross_attention_every, i),
+                self.dtype,
+                self.attention_impl,
+                name=f"h_{i}",
             )
             for i in range(cfg.n_layer)
         ]
         self.ln_f = _layer_norm(cfg, "ln_f")
-
-    def has_cross_attention(self, layer_idx: int) -> bool:
-        n = self.cross_attention_every
-        return n > 0 and layer_idx % n == n - 1
 
     def __call__(
         self,
@@ -331,48 +337,21 @@ class GPT2LMHead(nn.Module):
             hidden states ``[batch, prefix + seq, d_model]`` (after ``ln_f``).
         """
         inputs = DecoderInputs() if inputs is None else inputs
-        prefix_embeds, embed_offset = inputs.prefix_embeds, inputs.embed_offset
-        encoder_states, encoder_mask = inputs.encoder_states, inputs.encoder_mask
-        batch, seq = input_ids.shape
-        x = self.wte(input_ids)
-        if embed_offset is not None:
-            x = x + embed_offset[:, None, :].astype(x.dtype)
-        # Which keys exist: this call's [prefix +] tokens, or every cache slot when decoding.
-        if attention_mask is None:
-            n_keys = seq if cache is None else cache["self"][0][0].shape[2]
-            attention_mask = jnp.ones((batch, n_keys), jnp.int32)
-        key_valid = attention_mask
-        if prefix_embeds is not None:
-            x = jnp.concatenate([prefix_embeds.astype(x.dtype), x], axis=1)
-            if cache is None:
-                prefix_valid = jnp.ones(prefix_embeds.shape[:2], key_valid.dtype)
-                key_valid = jnp.concatenate([prefix_valid, key_valid], axis=1)
-        q_len = x.shape[1]
-        if position_ids is None:
-            all_positions = jnp.maximum(jnp.cumsum(key_valid, axis=1) - 1, 0)
-            position_ids = jax.lax.dynamic_slice_in_dim(
-                all_positions, cache_index if cache is not None else 0, q_len, axis=1
-            )
-        x = x + self.wpe(position_ids)
-        x = self.drop(x, deterministic=deterministic)
-
-        cross_kv = cache["cross"] if cache is not None and cache["cross"] is not None else None
-        if cross_kv is None and self.cross_attention_every > 0:
-            if encoder_states is None or encoder_mask is None:
-                raise ValueError("cross-attention blocks need encoder_states and encoder_mask")
-            cross_kv = [
-                block.encoder_kv(encoder_states) if self.has_cross_attention(i) else None
-                for i, block in enumerate(self.h)
-            ]
+        n_slots = None if cache is None else cache["self"][0][0].shape[2]
+        entry = decoder_entry(
+            self.wte(input_ids), attention_mask, inputs, n_slots, cache_index, position_ids
+        )
+        x = self.drop(entry.x + self.wpe(entry.position_ids), deterministic=deterministic)
+        cross_kv = cross_attention_kv(self.h, self.cross_attention_every, inputs, cache)
         new_self = []
         for i, block in enumerate(self.h):
             x, kv = block(
                 x,
-                key_valid,
+                entry.key_valid,
                 None if cache is None else cache["self"][i],
                 cache_index,
                 None if cross_kv is None else cross_kv[i],
-                encoder_mask,
+                inputs.encoder_mask,
                 deterministic,
             )
             new_self.append(kv)

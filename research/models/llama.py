@@ -31,7 +31,12 @@ import numpy as np
 
 from research.models import families
 from research.models.attention import attend, causal_mask, padding_mask
-from research.models.decoder_inputs import DecoderInputs
+from research.models.decoder_inputs import (
+    DecoderInputs,
+    cross_attention_kv,
+    decoder_entry,
+    has_cross_attention,
+)
 from research.models.llama_config import ACTIVATIONS, CONFIGS, LlamaConfig, hf_table
 
 
@@ -255,7 +260,7 @@ class LlamaLM(nn.Module):
         self.layers = [
             DecoderLayer(
                 cfg,
-                self.has_cross_attention(i),
+                has_cross_attention(self.cross_attention_every, i),
                 self.dtype,
                 self.attention_impl,
                 name=f"layers_{i}",
@@ -265,10 +270,6 @@ class LlamaLM(nn.Module):
         self.norm = RMSNorm(cfg.rms_norm_eps)
         if not cfg.tie_word_embeddings:
             self.lm_head = _dense(cfg.vocab_size, self.dtype, "lm_head")
-
-    def has_cross_attention(self, layer_idx: int) -> bool:
-        n = self.cross_attention_every
-        return n > 0 and layer_idx % n == n - 1
 
     def __call__(
         self,
@@ -284,48 +285,22 @@ class LlamaLM(nn.Module):
     ):
         """Logits ``[batch, prefix + seq, vocab]`` (float32), or ``(logits, cache)`` with a cache.
 
-        Arguments as for ``GPT2LMHead`` (``return_hidden``: also the states after ``norm``): ``attention_mask`` is ``[batch, seq]`` without a cache
-        and ``[batch, max_len]`` (every slot) with one; positions default to the mask's running
-        count, so the first token after a ``P``-vector prefix sits at position ``P``.
+        Arguments as for ``GPT2LMHead`` (``return_hidden``: also the states after ``norm``);
+        masks and positions as :func:`research.models.decoder_inputs.decoder_entry` reads them.
         """
         cfg = self.config
         inputs = DecoderInputs() if inputs is None else inputs
-        prefix_embeds, embed_offset = inputs.prefix_embeds, inputs.embed_offset
-        encoder_states, encoder_mask = inputs.encoder_states, inputs.encoder_mask
-        batch, seq = input_ids.shape
-        x = self.embed_tokens(input_ids)
-        if embed_offset is not None:
-            x = x + embed_offset[:, None, :].astype(x.dtype)
-        if attention_mask is None:
-            n_keys = seq if cache is None else cache["self"][0][0].shape[2]
-            attention_mask = jnp.ones((batch, n_keys), jnp.int32)
-        key_valid = attention_mask
-        if prefix_embeds is not None:
-            x = jnp.concatenate([prefix_embeds.astype(x.dtype), x], axis=1)
-            if cache is None:
-                prefix_valid = jnp.ones(prefix_embeds.shape[:2], key_valid.dtype)
-                key_valid = jnp.concatenate([prefix_valid, key_valid], axis=1)
-        q_len = x.shape[1]
-        key_positions = jnp.maximum(jnp.cumsum(key_valid, axis=1) - 1, 0)
-        if position_ids is None:
-            position_ids = jax.lax.dynamic_slice_in_dim(
-                key_positions, cache_index if cache is not None else 0, q_len, axis=1
-            )
+        n_slots = None if cache is None else cache["self"][0][0].shape[2]
+        x, key_valid, key_positions, position_ids = decoder_entry(
+            self.embed_tokens(input_ids), attention_mask, inputs, n_slots, cache_index, position_ids
+        )
         rotary = rotary_angles(cfg, position_ids)
-        full_mask = causal_mask(key_valid, q_len, cache_index if cache is not None else 0)
+        full_mask = causal_mask(key_valid, x.shape[1], cache_index if cache is not None else 0)
         masks = {False: full_mask}
         if cfg.sliding_window is not None:
             distance = position_ids[:, :, None] - key_positions[:, None, :]
             masks[True] = full_mask & (distance < cfg.sliding_window)[:, None]
-
-        cross_kv = cache["cross"] if cache is not None and cache["cross"] is not None else None
-        if cross_kv is None and self.cross_attention_every > 0:
-            if encoder_states is None or encoder_mask is None:
-                raise ValueError("cross-attention blocks need encoder_states and encoder_mask")
-            cross_kv = [
-                layer.encoder_kv(encoder_states) if self.has_cross_attention(i) else None
-                for i, layer in enumerate(self.layers)
-            ]
+        cross_kv = cross_attention_kv(self.layers, self.cross_attention_every, inputs, cache)
         new_self = []
         for i, layer in enumerate(self.layers):
             x, kv = layer(
@@ -335,7 +310,7 @@ class LlamaLM(nn.Module):
                 None if cache is None else cache["self"][i],
                 cache_index,
                 None if cross_kv is None else cross_kv[i],
-                encoder_mask,
+                inputs.encoder_mask,
                 deterministic,
             )
             new_self.append(kv)
