@@ -41,13 +41,16 @@ def get_config():
     cfg.model.decoder.n_head = 4
     cfg.model.decoder.n_positions = 128  # pretraining reads 66 tokens; here prefixes + 22
     cfg.init.decoder = f"run:{PRETRAINED}"
+    # Rating from the decoder's state at BOS: it sees only what the method gives the decoder, so
+    # `none` predicts one rating for everybody and the RMSE column shows what conditioning buys.
+    cfg.model.rating_head = "decoder"
     cfg.train.trainable = ("decoder", "conditioning")
-    cfg.train.steps = 150
+    cfg.train.steps = 80
     cfg.train.batch_size = 64
     cfg.train.learning_rate = 5e-4
-    cfg.train.warmup_steps = 20
-    cfg.train.eval_every = 75
-    cfg.train.checkpoint_every = 75
+    cfg.train.warmup_steps = 10
+    cfg.train.eval_every = 40
+    cfg.train.checkpoint_every = 40
     cfg.train.max_eval_batches = 4
     cfg.sampling.batch_size = 128
     return cfg

@@ -30,6 +30,7 @@ _spec.loader.exec_module(_ablation)
 def get_config():
     cfg = _ablation.get_config()
     cfg.model.conditioning = "none"
+    cfg.model.rating_head = "none"  # a language model only; the ablation adds its own head
     cfg.init.decoder = ""  # from scratch: this run *is* the starting point
     cfg.data.target = "review"
     cfg.data.max_target_tokens = 64
