@@ -7,8 +7,10 @@ earlier output.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import stat
 import sys
 import warnings
 from pathlib import Path
@@ -119,6 +121,23 @@ def test_save_refuses_params_transformers_cannot_hold(tiny_gpt2, tmp_path):
     ):
         hf.save_pretrained(tmp_path / "out", crossed, params)
     assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_saved_files_have_the_mode_of_any_new_file(umask, tiny_gpt2, tmp_path):
+    """Like a file ``open()`` creates: 0o666 less the umask (no private temporary-file mode)."""
+    model, params = tiny_gpt2
+    previous = os.umask(umask)
+    try:
+        hf.save_pretrained(tmp_path / "out", model, params)
+        (tmp_path / "plain").write_text("")
+    finally:
+        os.umask(previous)
+    expected = stat.S_IMODE((tmp_path / "plain").stat().st_mode)
+    assert expected == 0o666 & ~umask
+    written = sorted((tmp_path / "out").iterdir())
+    assert [p.name for p in written] == ["config.json", "model.safetensors"]
+    assert [stat.S_IMODE(p.stat().st_mode) for p in written] == [expected, expected]
 
 
 @pytest.mark.parametrize("torch_dtype", [torch.float16, torch.bfloat16])

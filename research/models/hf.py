@@ -292,7 +292,16 @@ def _atomic_write(path: Path, write: Callable[[str], Any]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        # mkstemp (and safetensors) create files private (0o600); give it a new file's mode.
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _umask() -> int:
+    """The process's umask (reading it means setting it: set back at once)."""
+    umask = os.umask(0o077)
+    os.umask(umask)
+    return umask
