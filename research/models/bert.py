@@ -38,6 +38,19 @@ class BertConfig:
     pad_token_id: int = 0
 
     model_type = "bert"
+    checks = families.FieldChecks(
+        choices=(("hidden_act", ACTIVATIONS),),
+        positive=(
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "intermediate_size",
+            "max_position_embeddings",
+        ),
+        divisible=(("hidden_size", "num_attention_heads"),),
+        probabilities=("hidden_dropout_prob", "attention_probs_dropout_prob"),
+    )
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "config") -> BertConfig:
@@ -49,28 +62,7 @@ class BertConfig:
             )
         if raw.get("is_decoder") or raw.get("add_cross_attention"):
             raise ValueError(f"{source}: only BERT encoders are supported (is_decoder=false)")
-        act = raw.get("hidden_act", cls.hidden_act)
-        if act not in ACTIVATIONS:
-            raise ValueError(
-                f"{source}: hidden_act={act!r} is not supported; valid: {sorted(ACTIVATIONS)}"
-            )
-        names = {f.name for f in dataclasses.fields(cls)}
-        config = cls(**{k: v for k, v in raw.items() if k in names})
-        families.check_config(config, source)
-        return config
-
-    def invariants(self) -> dict[str, bool]:
-        """What must hold before any weight is read or any shape is built."""
-        sizes = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
-        rules = families.positive(self, *sizes, "intermediate_size", "max_position_embeddings")
-        if all(rules.values()):
-            rules[
-                f"hidden_size={self.hidden_size} must be divisible by "
-                f"num_attention_heads={self.num_attention_heads}"
-            ] = self.hidden_size % self.num_attention_heads == 0
-        return rules | families.probabilities(
-            self, "hidden_dropout_prob", "attention_probs_dropout_prob"
-        )
+        return families.config_from_dict(cls, raw, source)
 
     def to_hf_dict(self) -> dict[str, Any]:
         return {"model_type": "bert", "architectures": ["BertModel"], **dataclasses.asdict(self)}

@@ -64,18 +64,23 @@ class DistilBertConfig:
     pad_token_id: int = 0
 
     model_type = "distilbert"
+    checks = families.FieldChecks(
+        choices=(("activation", ACTIVATIONS),),
+        positive=(
+            "vocab_size",
+            "max_position_embeddings",
+            "n_layers",
+            "n_heads",
+            "dim",
+            "hidden_dim",
+        ),
+        divisible=(("dim", "n_heads"),),
+        probabilities=("dropout", "attention_dropout"),
+    )
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "config") -> DistilBertConfig:
-        act = raw.get("activation", cls.activation)
-        if act not in ACTIVATIONS:
-            raise ValueError(
-                f"{source}: activation={act!r} is not supported; valid: {sorted(ACTIVATIONS)}"
-            )
-        names = {f.name for f in dataclasses.fields(cls)}
-        config = cls(**{k: v for k, v in raw.items() if k in names and v is not None})
-        families.check_config(config, source)
-        return config
+        return families.config_from_dict(cls, raw, source, skip_none=True)
 
     def to_hf_dict(self) -> dict[str, Any]:
         return {

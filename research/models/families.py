@@ -10,7 +10,8 @@ config checks ``model.decoder.*``/``model.encoder.*`` against ``family.config_cl
 What a family's pieces must do:
 
 * ``config_cls``: a frozen dataclass with a class attribute ``model_type``,
-  ``from_dict(raw, source)`` (reads a ``config.json``, ignoring keys it does not use) and
+  ``from_dict(raw, source)`` (reads a ``config.json``, ignoring keys it does not use; usually
+  :func:`config_from_dict`, which applies the class's ``checks``, a :class:`FieldChecks`) and
   ``to_hf_dict()`` (what ``save_pretrained`` writes).
 * decoder ``module_cls(config, dtype, attention_impl=None, **hooks)``, where ``hooks`` are the
   conditioning methods' ``decoder_options`` (e.g. ``cross_attention_every``);
@@ -27,9 +28,10 @@ What a family's pieces must do:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import jax
@@ -154,11 +156,50 @@ def _has_type(value: Any, annotation: str) -> bool:
     return True  # an annotation this check does not know
 
 
+@dataclasses.dataclass(frozen=True)
+class FieldChecks:
+    """What a family config's fields must satisfy beyond their types; a config class sets
+    ``checks = FieldChecks(...)`` and :func:`check_config` applies it."""
+
+    choices: tuple[tuple[str, Collection], ...] = ()  # (field, its valid values)
+    positive: tuple[str, ...] = ()  # sizes: > 0
+    divisible: tuple[tuple[str, str], ...] = ()  # (a, b): a % b == 0, checked once sizes are > 0
+    probabilities: tuple[str, ...] = ()  # dropout rates: in [0, 1)
+
+
+def check_model_type(cls: type, raw: dict[str, Any], source: str) -> None:
+    """A ``config.json`` of another model type than ``cls.model_type`` is an error."""
+    model_type = raw.get("model_type", cls.model_type)
+    if model_type != cls.model_type:
+        raise ValueError(f"{source}: model_type={model_type!r} is not {cls.model_type}")
+
+
+def known_fields(cls: type, raw: dict[str, Any], skip_none: bool = False) -> dict[str, Any]:
+    """The entries of ``raw`` that are fields of ``cls`` (a ``config.json`` holds many that
+    change nothing we compute); with ``skip_none``, a None value leaves the field's default."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in raw.items() if k in names and not (skip_none and v is None)}
+
+
+def config_from_dict(cls: type, raw: dict[str, Any], source: str, skip_none: bool = False) -> Any:
+    """``cls`` from a ``config.json`` dict (see :func:`known_fields`), checked."""
+    check_model_type(cls, raw, source)
+    config = cls(**known_fields(cls, raw, skip_none))
+    check_config(config, source)
+    return config
+
+
 def check_config(config: Any, source: str) -> None:
     """Raise ``ValueError`` naming ``source`` and the field when a field of a family's config
-    has the wrong type (``"128"`` for an int), a float is not finite, or one of the config's
-    ``invariants()`` (``{"n_embd=130 must be divisible by n_head=4": False}``) does not hold;
-    the invariants are only evaluated once every type is right."""
+    is not one of its choices, has the wrong type (``"128"`` for an int), is a float that is
+    not finite, or breaks one of the config's :class:`FieldChecks`
+    (``"n_embd=130 must be divisible by n_head=4"``); those are only evaluated once every
+    type is right."""
+    checks = getattr(config, "checks", FieldChecks())
+    for name, valid in checks.choices:
+        value, valid = getattr(config, name), sorted(valid)
+        if value not in valid:
+            raise ValueError(f"{source}: {name}={value!r} is not supported; valid: {valid}")
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
         allowed = [a.strip() for a in str(f.type).split("|")]
@@ -166,25 +207,16 @@ def check_config(config: Any, source: str) -> None:
             raise ValueError(f"{source}: {f.name}={value!r} must be {f.type}")
         if isinstance(value, float) and not math.isfinite(value):
             raise ValueError(f"{source}: {f.name}={value!r} must be a finite number")
-    invariants = getattr(config, "invariants", dict)
-    for rule, holds in invariants().items():
+    value = functools.partial(getattr, config)
+    rules = {f"{name}={value(name)!r} must be > 0": value(name) > 0 for name in checks.positive}
+    if all(rules.values()):
+        for a, b in checks.divisible:
+            rules[f"{a}={value(a)} must be divisible by {b}={value(b)}"] = value(a) % value(b) == 0
+    for name in checks.probabilities:
+        rules[f"{name}={value(name)!r} must be in [0, 1)"] = 0 <= value(name) < 1
+    for rule, holds in rules.items():
         if not holds:
             raise ValueError(f"{source}: {rule}")
-
-
-def positive(config: Any, *names: str) -> dict[str, bool]:
-    """Invariants for :func:`check_config`: each named (numeric) field is > 0."""
-    return {
-        f"{name}={getattr(config, name)!r} must be > 0": getattr(config, name) > 0 for name in names
-    }
-
-
-def probabilities(config: Any, *names: str) -> dict[str, bool]:
-    """Invariants for :func:`check_config`: each named field (a dropout rate) is in [0, 1)."""
-    return {
-        f"{name}={getattr(config, name)!r} must be in [0, 1)": 0 <= getattr(config, name) < 1
-        for name in names
-    }
 
 
 def decoder_family(config: Any) -> DecoderFamily:

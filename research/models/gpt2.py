@@ -63,6 +63,12 @@ class GPT2Config:
     eos_token_id: int = 50256
 
     model_type = "gpt2"
+    checks = families.FieldChecks(
+        choices=(("activation_function", ACTIVATIONS),),
+        positive=("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"),
+        divisible=(("n_embd", "n_head"),),
+        probabilities=("resid_pdrop", "embd_pdrop", "attn_pdrop"),
+    )
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "config") -> GPT2Config:
@@ -71,26 +77,7 @@ class GPT2Config:
                 f"{source}: add_cross_attention=true checkpoints are not supported; "
                 "cross-attention is added by the 'cross_attention' conditioning method"
             )
-        act = raw.get("activation_function", cls.activation_function)
-        if act not in ACTIVATIONS:
-            raise ValueError(
-                f"{source}: activation_function={act!r} is not supported; "
-                f"valid: {sorted(ACTIVATIONS)}"
-            )
-        names = {f.name for f in dataclasses.fields(cls)}
-        config = cls(**{k: v for k, v in raw.items() if k in names})
-        families.check_config(config, source)
-        return config
-
-    def invariants(self) -> dict[str, bool]:
-        """What must hold before any weight is read or any shape is built."""
-        sizes = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head")
-        rules = families.positive(self, *sizes)
-        if all(rules.values()):
-            rules[f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}"] = (
-                self.n_embd % self.n_head == 0
-            )
-        return rules | families.probabilities(self, "resid_pdrop", "embd_pdrop", "attn_pdrop")
+        return families.config_from_dict(cls, raw, source)
 
     def to_hf_dict(self) -> dict[str, Any]:
         return {

@@ -75,22 +75,27 @@ class LlamaConfig:
     pad_token_id: int | None = None
 
     model_type = "llama"
+    checks = families.FieldChecks(
+        choices=(("hidden_act", ACTIVATIONS),),
+        positive=(
+            "num_hidden_layers",
+            "hidden_size",
+            "intermediate_size",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "vocab_size",
+            "max_position_embeddings",
+        ),
+        divisible=(("num_attention_heads", "num_key_value_heads"),),
+        probabilities=("attention_dropout",),
+    )
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "config") -> LlamaConfig:
         model_type = cls.model_type
-        if raw.get("model_type", model_type) != model_type:
-            raise ValueError(
-                f"{source}: model_type={raw['model_type']!r} is not {model_type}; "
-                f"Llama-family types: {sorted(MODEL_TYPES)}"
-            )
-        act = raw.get("hidden_act", "silu")
-        if act not in ACTIVATIONS:
-            raise ValueError(
-                f"{source}: hidden_act={act!r} is not supported; valid: {sorted(ACTIVATIONS)}"
-            )
-        names = {f.name for f in dataclasses.fields(cls)}
-        values = {k: v for k, v in raw.items() if k in names and v is not None}
+        families.check_model_type(cls, raw, source)
+        values = families.known_fields(cls, raw, skip_none=True)
         heads = values.get("num_attention_heads", cls.num_attention_heads)
         values.setdefault("num_key_value_heads", heads)
         values.setdefault("head_dim", values.get("hidden_size", cls.hidden_size) // heads)
@@ -105,11 +110,6 @@ class LlamaConfig:
             values.update(qkv_bias=model_type == "qwen2", o_bias=False, mlp_bias=False)
         values.update(_rope_fields(raw, source))
         values.update(_sliding_fields(raw, model_type, values.get("num_hidden_layers", 32)))
-        if heads % values["num_key_value_heads"]:
-            raise ValueError(
-                f"{source}: num_attention_heads={heads} is not a multiple of "
-                f"num_key_value_heads={values['num_key_value_heads']}"
-            )
         config = cls(**values)
         families.check_config(config, source)
         return config

@@ -37,15 +37,6 @@ class RobertaConfig(BertConfig):
 
     model_type = "roberta"
 
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any], source: str = "config") -> RobertaConfig:
-        if raw.get("model_type", cls.model_type) != cls.model_type:
-            raise ValueError(
-                f"{source}: model_type={raw['model_type']!r} is not {cls.model_type}; "
-                f"RoBERTa-style types: {sorted(ARCHITECTURES)}"
-            )
-        return super().from_dict(raw, source)
-
     def to_hf_dict(self) -> dict[str, Any]:
         return {
             "model_type": self.model_type,
