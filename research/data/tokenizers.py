@@ -16,6 +16,7 @@ from pathlib import Path
 from transformers import AutoTokenizer, GPT2TokenizerFast, PreTrainedTokenizerBase
 
 from research import assets
+from research.models import families
 
 # The two layouts GPT-2's BPE files come in: Hugging Face's and OpenAI's original release.
 _GPT2_LAYOUTS = (("vocab.json", "merges.txt"), ("encoder.json", "vocab.bpe"))
@@ -45,11 +46,18 @@ def gpt2_tokenizer(folder: str | Path | None = None) -> GPT2TokenizerFast:
     return tok
 
 
+def has_gpt2_bpe(folder: Path) -> bool:
+    """Whether ``folder`` holds GPT-2 BPE files (either layout)."""
+    return any((Path(folder) / v).exists() for v, _ in _GPT2_LAYOUTS)
+
+
 def decoder_tokenizer(folder: str | Path | None = None) -> PreTrainedTokenizerBase:
     """The decoder's tokenizer for ``folder`` (a model folder or a tokenizer folder).
 
-    No folder, or a GPT-2 model folder without tokenizer files: the packaged GPT-2 BPE.
-    A folder of GPT-2 BPE files: those. Any other folder: its ``tokenizer.json`` through
+    No folder: the packaged GPT-2 BPE (GPT-2 is the default decoder). A folder without
+    ``config.json`` or ``tokenizer_config.json``: its GPT-2 BPE files. A model folder without
+    ``tokenizer_config.json``: what its family gives (``DecoderFamily.folder_tokenizer``; GPT-2:
+    the packaged BPE), if it gives one. Any other folder: its ``tokenizer.json`` through
     ``AutoTokenizer``, with EOS standing in for a missing pad or BOS token (module docstring).
     """
     if folder is None:
@@ -59,10 +67,13 @@ def decoder_tokenizer(folder: str | Path | None = None) -> PreTrainedTokenizerBa
         raise FileNotFoundError(f"decoder tokenizer folder {folder} does not exist")
     config = folder / "config.json"
     model_type = json.loads(config.read_text()).get("model_type") if config.exists() else None
-    has_bpe = any((folder / v).exists() for v, _ in _GPT2_LAYOUTS)
-    if model_type in (None, "gpt2") and not (folder / "tokenizer_config.json").exists():
-        return gpt2_tokenizer(folder if has_bpe or model_type is None else None)
-    if not (folder / "tokenizer.json").exists() and not has_bpe:
+    if not (folder / "tokenizer_config.json").exists():
+        if model_type is None:
+            return gpt2_tokenizer(folder)
+        fallback = _folder_tokenizer(model_type)
+        if fallback is not None:
+            return fallback(folder)
+    if not (folder / "tokenizer.json").exists() and not has_gpt2_bpe(folder):
         raise FileNotFoundError(
             f"{folder} holds no tokenizer: a {model_type} decoder needs its tokenizer.json"
         )
@@ -74,6 +85,15 @@ def decoder_tokenizer(folder: str | Path | None = None) -> PreTrainedTokenizerBa
     if tok.bos_token is None:
         tok.bos_token = tok.eos_token
     return tok
+
+
+def _folder_tokenizer(model_type: str):
+    """The ``folder_tokenizer`` of the decoder family ``model_type``; None for a family that
+    has none, or a type that is no decoder we know (its own tokenizer files decide)."""
+    try:
+        return families.family(model_type, "decoder").folder_tokenizer
+    except ValueError:
+        return None
 
 
 def encoder_tokenizer(folder: str | Path | None = None) -> PreTrainedTokenizerBase:

@@ -86,6 +86,9 @@ class DecoderFamily:
     special_ids: Callable[[Any], tuple[int, int, int]]
     # Default LoRA targets: regexes of layer paths (research/models/lora.py), attention q/k/v/o.
     lora_targets: tuple[str, ...] = ()
+    # (folder) -> the tokenizer of a model folder that has no tokenizer_config.json (GPT-2:
+    # its BPE files, else the packaged ones); None: such a folder must hold a tokenizer.json.
+    folder_tokenizer: Callable[[Any], Any] | None = None
     kind = "decoder"
 
 

@@ -318,6 +318,15 @@ GPT2_TABLE = (
 )
 # fmt: on
 
+
+def _folder_tokenizer(folder: Any) -> Any:
+    """A GPT-2 folder without tokenizer files: its BPE files if it has them, else the packaged
+    BPE (a checkpoint saved without its tokenizer)."""
+    from research.data import tokenizers  # transformers: loaded only when a tokenizer is wanted
+
+    return tokenizers.gpt2_tokenizer(folder if tokenizers.has_gpt2_bpe(folder) else None)
+
+
 FAMILY = families.register(
     families.DecoderFamily(
         model_type="gpt2",
@@ -338,5 +347,6 @@ FAMILY = families.register(
         # GPT-2 has no pad token: <|endoftext|> is BOS, EOS and pad (research/data/tokenizers.py).
         special_ids=lambda c: (c.bos_token_id, c.eos_token_id, c.eos_token_id),
         lora_targets=("attn/c_attn", "attn/c_proj"),  # fused q/k/v, and o
+        folder_tokenizer=_folder_tokenizer,
     )
 )
