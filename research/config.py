@@ -385,7 +385,14 @@ def load_config(
     path: str | Path | None, overrides: Iterable[tuple[str, str]] = ()
 ) -> ml_collections.ConfigDict:
     """The config of ``path`` (default: :func:`default_config`) with overrides, validated."""
-    cfg = load_config_file(path) if path else default_config()
+    return resolve(load_config_file(path) if path else default_config(), overrides)
+
+
+def resolve(
+    cfg: ml_collections.ConfigDict, overrides: Iterable[tuple[str, str]] = ()
+) -> ml_collections.ConfigDict:
+    """``cfg`` (changed in place) with overrides applied, unset tokenizers following the init
+    folders, validated: what ``research train`` runs for a config file and its overrides."""
     for key, value in overrides:
         apply_override(cfg, key, value)
     _tokenizers_follow_models(cfg)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from research import cli
-from research.config import ConfigError, load_config_file
+from research.config import ConfigError, load_config, load_config_file
 from research.eval.ablate import command_grid, grid_runs, run_ablation
 from research.eval.evaluate import evaluate_run, load_run
 from research.eval.pepler_compat import rating_errors
@@ -137,6 +137,25 @@ def test_grid_from_the_command_line():
         command_grid(CONFIG, None, ["model.conditioning"])
     with pytest.raises(ConfigError, match="--seeds"):
         command_grid(CONFIG, "a,b")
+
+
+def test_each_cell_has_the_config_research_train_builds(tmp_path):
+    """Tokenizers follow init.* folders (an axis or an override) in every cell exactly as
+    load_config makes them follow for `research train` with the same overrides."""
+    folders = [str(tmp_path / "gpt2_a"), str(tmp_path / "gpt2_b")]
+    axes = ["model.conditioning=prefix", f"init.decoder={','.join(folders)}"]
+    grid = command_grid(CONFIG, "0,1", axes)
+    overrides = [("init.encoder", str(tmp_path / "bert"))]
+    runs = grid_runs(load_config_file(CONFIG), grid, overrides)
+    cells = [(folder, seed) for folder in folders for seed in (0, 1)]
+    assert len(runs) == len(cells)
+    for (_, seed, cfg), (folder, expected_seed) in zip(runs, cells, strict=True):
+        cell = [("model.conditioning", "prefix"), ("init.decoder", folder)]
+        command = [*overrides, *cell, ("seed", str(seed))]
+        assert seed == expected_seed
+        assert cfg.to_dict() == load_config(CONFIG, command).to_dict()
+        assert cfg.data.decoder_tokenizer == folder
+        assert cfg.data.encoder_tokenizer == str(tmp_path / "bert")
 
 
 def test_ablate_help_shows_grid_options_and_overrides(capsys):

@@ -10,6 +10,8 @@ An ablation config file has ``get_config()`` (the base experiment) and may have 
 
 The command line changes the grid without a new file: ``--seeds 0,1,2`` replaces the seeds,
 ``--axis KEY=v1,v2`` replaces (or adds) one axis, ``--config.KEY=VALUE`` overrides the base.
+A run's config is what ``research train`` builds from the file with the overrides, the cell's
+values and ``seed`` (tokenizers follow ``init.*`` folders the same way).
 Each cell (one value per axis) and seed runs in ``DIR/<cell>/seed<k>/`` (the cell name joins
 the values, e.g. ``prefix`` or ``prefix__user_history``; ``base`` when there are no axes). A
 run whose ``eval/<split>/metrics.json`` exists is skipped, so only missing cells run, and an
@@ -26,7 +28,7 @@ from typing import Any
 
 import ml_collections
 
-from research.config import ConfigError, apply_override, load_config_file, validate
+from research.config import ConfigError, load_config_file, resolve
 from research.eval.evaluate import evaluate_run
 from research.eval.tables import write_results
 from research.train.loop import train
@@ -89,11 +91,8 @@ def grid_runs(
     for combo in itertools.product(*axes.values()):
         values = dict(zip(axes, combo, strict=True))
         for seed in grid["seeds"]:
-            cfg = ml_collections.ConfigDict(base.to_dict())
-            for key, value in (*overrides, *((k, str(v)) for k, v in values.items())):
-                apply_override(cfg, key, value)
-            cfg.seed = int(seed)
-            validate(cfg)
+            cell = [*overrides, *((k, str(v)) for k, v in values.items()), ("seed", str(seed))]
+            cfg = resolve(ml_collections.ConfigDict(base.to_dict()), cell)
             runs.append((cell_name(values), int(seed), cfg))
     return runs
 
