@@ -104,6 +104,9 @@ def default_config() -> ml_collections.ConfigDict:
     cfg.train.weight_decay = 0.01
     cfg.train.clip_norm = 1.0
     cfg.train.trainable = ("encoder", "decoder", "conditioning")
+    # dtype of the frozen base (decoder/encoder weights that train in no stage, e.g. under
+    # LoRA): "bfloat16" halves their memory; adapters, conditioning, optimizer stay float32.
+    cfg.train.frozen_dtype = "float32"
     # PEPLER's schedule: first only stage1_trainable, until validation loss stops improving
     # for `patience` evaluations or `stage1_max_steps` steps, then train.trainable.
     cfg.train.two_stage = False
@@ -149,6 +152,7 @@ CHOICES: dict[str, tuple] = {
     "train.schedule": SCHEDULES,
     "eval.checkpoint": ("best", "latest"),
     "cache.features_dtype": DTYPES,
+    "train.frozen_dtype": DTYPES,
     "eval.split": ("train", "validation", "test"),
 }
 

@@ -77,14 +77,16 @@ def run_config(workdir: str | Path, overrides: Iterable[tuple[str, str]] = ()):
     return cfg
 
 
-def restore_params(workdir: str | Path, model: Generator | None, which: str = "best"):
+def restore_params(workdir: str | Path, model: Generator | None, which: str = "best", cfg=None):
     """Parameters of the best (lowest validation loss) or latest checkpoint -> (params, step).
 
     Opens the checkpoints read-only (safe while a trainer saves) and reads only the
     parameters, so neither the optimizer nor its settings matter. Parts the checkpoint left
-    out (frozen, from an init folder) are loaded from that folder, which must be unchanged.
-    With ``model`` the saved shapes are checked against it; without, they come as saved.
+    out (the frozen base) are rebuilt from their source, which must be unchanged
+    (``research/train/frozen_init.py``). With ``model`` the saved shapes are checked against
+    it; without, they come as saved. ``cfg``: the run's config (default: from ``run.json``).
     """
+    cfg = cfg if cfg is not None else run_config(workdir)
     with Checkpointer(workdir, read_only=True) as checkpoints:
         step = checkpoints.best_step() if which == "best" else None
         step = step if step is not None else checkpoints.latest_step()
@@ -94,10 +96,10 @@ def restore_params(workdir: str | Path, model: Generator | None, which: str = "b
         target = None
         if model is not None:
             target = jax.eval_shape(lambda: init_generator(model, jax.random.key(0)))
-            target = frozen_init.without(target, left_out)
+            target = frozen_init.without(frozen_init.cast_base(cfg, target), left_out)
         params = checkpoints.restore_params(step, target)
         where = f"checkpoint {checkpoints.directory / str(step)}"
-        return frozen_init.load_into(params, left_out, where), step
+        return frozen_init.load_into(cfg, params, left_out, where), step
 
 
 def load_run(workdir: str | Path, overrides=(), which: str | None = None) -> LoadedRun:
@@ -110,7 +112,7 @@ def load_run(workdir: str | Path, overrides=(), which: str | None = None) -> Loa
     model, _ = build_generator(
         cfg, dataset.num_users, dataset.num_items, rating_mean=dataset.rating_mean
     )
-    params, step = restore_params(workdir, model, which or cfg.eval.checkpoint)
+    params, step = restore_params(workdir, model, which or cfg.eval.checkpoint, cfg)
     features = None
     if feature_cache.wanted(cfg, model, tuple(cfg.train.trainable)):
         features = feature_cache.prepare(cfg, dataset, model, params)

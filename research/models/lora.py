@@ -131,8 +131,9 @@ def has_adapters(params: dict[str, Any]) -> bool:
 
 
 def merge(params: dict[str, Any], lora: LoRAConfig | None) -> dict[str, Any]:
-    """``params`` with every adapter folded into its layer's kernel (``W + scale * A B``) and
-    the ``lora_a``/``lora_b`` leaves removed: the base model's tree."""
+    """``params`` with every adapter folded into its layer's kernel (``W + scale * A B``, in
+    float32 even over a bfloat16 base) and the ``lora_a``/``lora_b`` leaves removed: the base
+    model's tree."""
     flat = traverse_util.flatten_dict(params)
     out = {p: v for p, v in flat.items() if p[-1] not in ADAPTER_NAMES}
     for path, a in flat.items():
@@ -142,5 +143,5 @@ def merge(params: dict[str, Any], lora: LoRAConfig | None) -> dict[str, Any]:
         b = flat[(*layer, "lora_b")]
         kernel = out[(*layer, "kernel")]
         delta = lora.scale * (jnp.asarray(a, jnp.float32) @ jnp.asarray(b, jnp.float32))
-        out[(*layer, "kernel")] = (kernel + delta).astype(kernel.dtype)
+        out[(*layer, "kernel")] = jnp.asarray(kernel, jnp.float32) + delta
     return traverse_util.unflatten_dict(out)

@@ -127,11 +127,14 @@ class Trainer:
         )
         root = jax.random.key(cfg.seed)
         init_key, self.dropout_seed = jax.random.split(root)
-        self.model, self.initial_params = build_generator(
+        self.model, params = build_generator(
             cfg, dataset.num_users, dataset.num_items, init_key, dataset.rating_mean
         )
-        # Parts that stay as their init folder has them: checkpoints leave them out.
-        self.frozen = frozen_init.frozen_parts(cfg, self.initial_params)
+        # The frozen base: checkpoints leave it out (frozen_init.py); train.frozen_dtype.
+        sizes = {"num_users": dataset.num_users, "num_items": dataset.num_items}
+        sizes["rating_mean"] = dataset.rating_mean
+        self.frozen = frozen_init.frozen_parts(cfg, params, sizes)
+        self.initial_params = frozen_init.cast_base(cfg, params)
         self.eval_step = make_eval_step(self.model)
         self.features: feature_cache.FeatureCache | None = None
 
@@ -281,7 +284,8 @@ def _start(cfg: ml_collections.ConfigDict, workdir: Path):
         _check_config_hash(cfg, meta, where)
         left_out = meta.get(frozen_init.META_KEY, {})
         frozen_init.check_unchanged(left_out, trainer.frozen, f"checkpoint {where}")
-        state["params"] |= {part: trainer.initial_params[part] for part in left_out}
+        bases = {part: frozen_init.base_of(trainer.initial_params, part) for part in left_out}
+        state["params"] = frozen_init.with_base(state["params"], bases)
         progress = Progress(**meta["progress"])
         data.restore(progress.data)
         if primary:

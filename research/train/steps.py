@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from research.train.loss import rating_loss_sums, target_weights, token_loss_sums
@@ -40,10 +41,15 @@ def dropout_key(seed_key: jax.Array, step: jax.Array, micro_step: int | jax.Arra
     return jax.random.fold_in(key, micro_step)
 
 
-def _stop_frozen(params, labels):
-    return jax.tree_util.tree_map(
-        lambda p, label: p if label == "train" else jax.lax.stop_gradient(p), params, labels
-    )
+def split_trainable(params, labels) -> tuple[dict, dict]:
+    """``(trainable, frozen)``: the leaves of ``params`` by label, as flat ``{path: leaf}``."""
+    flat, flat_labels = traverse_util.flatten_dict(params), traverse_util.flatten_dict(labels)
+    trainable = {p: v for p, v in flat.items() if flat_labels[p] == "train"}
+    return trainable, {p: v for p, v in flat.items() if flat_labels[p] != "train"}
+
+
+def _joined(trainable: dict, frozen: dict) -> dict:
+    return traverse_util.unflatten_dict({**trainable, **frozen})
 
 
 def _predicts_rating(model: Any) -> bool:
@@ -82,10 +88,10 @@ def make_train_step(
     """
     rates = _predicts_rating(model)
 
-    def objective(params, micro_batch, key, tokens, rated):
+    def objective(trainable, frozen, micro_batch, key, tokens, rated):
         logits, rating = _logits_and_rating(
             model,
-            {"params": _stop_frozen(params, labels)},
+            {"params": _joined(trainable, frozen)},
             micro_batch,
             rates,
             deterministic=deterministic,
@@ -104,7 +110,7 @@ def make_train_step(
             value = value + rating_weight * sums["rating"] / rated
         return value, sums
 
-    grad_fn = jax.grad(objective, has_aux=True)
+    grad_fn = jax.grad(objective, has_aux=True)  # of the trainable leaves only
 
     def step(state, batch, seed_key):
         accum = jax.tree_util.tree_leaves(batch)[0].shape[0]
@@ -116,22 +122,31 @@ def make_train_step(
                 jax.lax.psum(batch["rating_mask"].sum(dtype=jnp.float32), AXIS), 1.0
             )
 
+        trainable, frozen = split_trainable(state["params"], labels)
+
         def micro(carry, inputs):
             grads, sums = carry
             i, micro_batch = inputs
             key = dropout_key(seed_key, state["step"], i)
-            g, s = grad_fn(state["params"], micro_batch, key, tokens, rated)
+            g, s = grad_fn(trainable, frozen, micro_batch, key, tokens, rated)
             return jax.tree_util.tree_map(jnp.add, (grads, sums), (g, s)), None
 
-        zeros = jax.tree_util.tree_map(jnp.zeros_like, state["params"])
+        # Gradients exist for the trainable leaves only.
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, trainable)
         no_sums = {"text": jnp.zeros(())} | ({"rating": jnp.zeros(())} if rates else {})
         (grads, sums), _ = jax.lax.scan(micro, (zeros, no_sums), (jnp.arange(accum), batch))
         grads = jax.lax.psum(grads, AXIS)
         loss = jax.lax.psum(sums["text"], AXIS) / tokens
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        # The optimizer's frozen branch (set_to_zero, no state) reads only the structure of
+        # its leaves' gradients: a 0-d zero stands in for each, and its "update" is not applied.
+        placeholders = {p: jnp.zeros((), v.dtype) for p, v in frozen.items()}
+        updates, opt_state = tx.update(
+            _joined(grads, placeholders), state["opt_state"], state["params"]
+        )
+        updates, _ = split_trainable(updates, labels)
         new_state = {
             "step": state["step"] + 1,
-            "params": optax.apply_updates(state["params"], updates),
+            "params": _joined(optax.apply_updates(trainable, updates), frozen),
             "opt_state": opt_state,
         }
         grad_norm = optax.tree.norm(grads)
