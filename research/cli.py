@@ -7,6 +7,7 @@
   research export   --workdir DIR --out FOLDER [--checkpoint best|latest] [--force]
   research ablate   --config experiments/configs/ablation_NAME.py --workdir DIR
                     [--seeds 0,1,2] [--axis model.conditioning=none,prefix] [--dry-run]
+  research samples  --workdir ABLATION_DIR [--n 10] [--seed 0] [--out FILE.md]
   research config   --config experiments/configs/NAME.py [--config.x=y ...]   (or --workdir DIR)
   research data stats --config experiments/configs/NAME.py
   research params   --config experiments/configs/NAME.py
@@ -96,6 +97,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--dry-run", action="store_true", help="print the runs and which are done; run nothing"
     )
+
+    p = sub.add_parser("samples", help="an ablation's generated texts side by side (markdown)")
+    p.add_argument("--workdir", required=True, help="the ablation folder (research ablate)")
+    p.add_argument("--n", type=int, default=10, help="how many examples")
+    p.add_argument("--split", default="test")
+    p.add_argument("--seed", type=int, default=0, help="whose runs: DIR/<cell>/seed<SEED>")
+    p.add_argument("--draw-seed", type=int, default=0, help="seed of the examples' draw")
+    p.add_argument("--out", help="markdown file (default: WORKDIR/samples.md)")
 
     p = sub.add_parser("config", help="print the resolved config (file + overrides, or a run's)")
     source = p.add_mutually_exclusive_group()
@@ -215,6 +224,12 @@ def _dispatch(args, overrides, argv) -> int | None:
             dry_run=args.dry_run,
             command=["research", *argv],
         )
+    elif args.command == "samples":
+        from research.eval.samples import write_samples
+
+        options = {"n": args.n, "split": args.split, "seed": args.seed}
+        out = write_samples(args.workdir, args.out, **options, draw_seed=args.draw_seed)
+        print(f"Samples: {out}")
     elif args.command == "config":
         from research.config import flat_items
 

@@ -18,7 +18,9 @@ from research.config import ConfigError, load_config, load_config_file
 from research.eval.ablate import command_grid, grid_runs, run_ablation
 from research.eval.evaluate import evaluate_run, load_run
 from research.eval.pepler_compat import rating_errors
+from research.eval.samples import samples_markdown
 from research.eval.tables import results_markdown
+from tests.test_cli_errors import one_line_error
 
 CONFIG = Path(__file__).parent / "configs" / "tiny_ablation.py"
 CELLS = ("none", "id_prompt")
@@ -200,6 +202,38 @@ def test_notebook_executes_on_the_ablation(ablation: Path, monkeypatch):
     )
     assert "8 runs" not in printed and "4 runs under" in printed
     assert "id_prompt" in printed and "reference:" in printed
+
+
+def test_samples_page_shows_each_method_of_seed0_for_the_same_drawn_examples(
+    ablation: Path, tmp_path, capsys
+):
+    def generated(cell: str, seed: int) -> dict[int, dict]:
+        path = ablation / cell / f"seed{seed}" / "eval" / "test" / "samples.jsonl"
+        return {row["example"]: row for row in map(json.loads, path.read_text().splitlines())}
+
+    out = tmp_path / "samples.md"
+    argv = ["samples", "--workdir", str(ablation), "--n", "4", "--out", str(out)]
+    assert cli.main(argv) == 0
+    assert str(out) in capsys.readouterr().out
+    page = out.read_text()
+    sections = page.split("\n## Example ")[1:]
+    assert len(sections) == 4
+    examples = [int(section.split(":")[0]) for section in sections]
+    assert examples == sorted(set(examples)) and set(examples) <= set(generated("none", 0))
+    for example, section in zip(examples, sections, strict=True):
+        row = generated("none", 0)[example]
+        assert f"user `{row['user']}`, item `{row['item']}`" in section.splitlines()[0]
+        table = [line[2:-2].split(" | ", 1) for line in section.splitlines()[4:]]
+        texts = {name: text.replace("\\|", "|") for name, text in table}
+        assert list(texts) == ["reference", *sorted(CELLS)]
+        expected = {c: generated(c, 0)[example]["generated"] for c in CELLS}
+        for name, text in {"reference": row["reference"], **expected}.items():
+            assert texts[name] == (" ".join(text.split()) or "(empty)"), name
+    # Seeded: the same page again; another draw seed, the same layout over other examples.
+    assert cli.main([*argv, "--out", str(tmp_path / "again.md")]) == 0
+    assert (tmp_path / "again.md").read_text() == page
+    assert samples_markdown(ablation, n=10).count("\n## Example ") == 6  # all there are
+    assert one_line_error(capsys, ["samples", "--workdir", str(tmp_path)], 2, "samples.jsonl")
 
 
 def test_generate_from_user_and_item_and_the_unknown_id_error(ablation: Path, capsys):
