@@ -4,7 +4,7 @@
   research generate --workdir DIR --split test --out FILE.jsonl [--config.sampling.x=y ...]
   research generate --workdir DIR --text "conditioning text"   (or --user U --item I)
   research evaluate --workdir DIR --split test [--config.x=y ...]
-  research export   --workdir DIR --out FOLDER [--checkpoint best|latest] [--force]
+  research export   --workdir DIR --out FOLDER [--checkpoint best|latest] [--force] [--adapters]
   research ablate   --config experiments/configs/ablation_NAME.py --workdir DIR
                     [--seeds 0,1,2] [--axis model.conditioning=none,prefix] [--dry-run]
   research samples  --workdir ABLATION_DIR [--n 10] [--seed 0] [--out FILE.md]
@@ -81,6 +81,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="export folder (research/export.py: its files)")
     p.add_argument("--checkpoint", choices=("best", "latest"), default="best")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
+    p.add_argument("--adapters", action="store_true", help="LoRA adapters alone, in PEFT's layout")
 
     p = sub.add_parser("ablate", help="train and evaluate a grid of settings x seeds")
     p.add_argument("--config", required=True, help="experiments/configs/ablation_NAME.py")
@@ -211,7 +212,7 @@ def _dispatch(args, overrides, argv) -> int | None:
     elif args.command == "export":
         from research.export import export_run
 
-        export_run(args.workdir, args.out, args.force, args.checkpoint, overrides)
+        export_run(args.workdir, args.out, args.force, args.checkpoint, overrides, args.adapters)
     elif args.command == "ablate":
         from research.eval.ablate import run_ablation
 

@@ -1,6 +1,7 @@
 """``research export``: a trained run as Hugging Face folders, plus one file for everything else.
 
     research export --workdir runs/NAME --out exports/NAME [--checkpoint best|latest] [--force]
+                    [--adapters]
 
 The export folder (format version 1) holds:
 
@@ -26,6 +27,11 @@ The export folder (format version 1) holds:
 LoRA adapters (``model.lora``) are merged into the decoder/encoder weights, so the folders are
 plain Hugging Face models; the config then records ``model.lora.rank=0`` (the adapters' settings
 stay in ``source.lora``) and the trainable groups name the merged parts instead of ``lora``.
+With ``--adapters`` the adapters are written alone instead, in PEFT's layout: ``decoder/``
+(and ``encoder/``) hold ``adapter_config.json`` + ``adapter_model.safetensors``, which
+``peft.PeftModel.from_pretrained(base_model, OUT/decoder)`` loads onto the run's base
+(``init.decoder``, recorded in ``source.bases``); ``conditioning.safetensors`` and
+``export.json`` are as above (``source.adapters_only`` is true). See ``research/peft_export.py``.
 
 :func:`load_export` rebuilds the generator and all its parameters from these files alone.
 Writing happens in a hidden folder beside ``OUT`` that is renamed into place at the end, so an
@@ -49,7 +55,8 @@ import numpy as np
 from flax import traverse_util
 from safetensors.numpy import load_file, save_file
 
-from research.config import from_json_dict
+from research import peft_export
+from research.config import ConfigError, from_json_dict
 from research.data import tokenizers
 from research.models import families, hf, lora
 from research.models.build import build_generator
@@ -90,15 +97,25 @@ def _part_tokenizer(cfg: ml_collections.ConfigDict, part: str):
     return tokenizers.encoder_tokenizer(cfg.data.encoder_tokenizer or None)
 
 
-def write_export(folder: Path, run, source: dict[str, Any]) -> dict[str, Any]:
+def write_export(
+    folder: Path, run, source: dict[str, Any], adapters_only: bool = False
+) -> dict[str, Any]:
     """Write the files of a :class:`~research.eval.evaluate.LoadedRun` into ``folder``."""
     spec, rest, parts = run.model.spec, {}, []
     params, run_config = jax.device_get(run.params), run.cfg.to_dict()
-    if spec.lora is not None:
+    if adapters_only:
+        if spec.lora is None:
+            raise ConfigError(
+                f"--adapters: {source['workdir']} has no LoRA adapters (model.lora.rank=0)"
+            )
+        bases = {part: run.cfg.init[part] for part in PARTS}
+        parts, rest = peft_export.write_adapters(folder, params, spec, bases)
+        source = {**source, "adapters_only": True, "bases": bases}
+    elif spec.lora is not None:
         params = lora.merge(params, spec.lora)
         run_config = _merged_config(run_config, spec.lora)
         source = {**source, "lora": dataclasses.asdict(spec.lora)}
-    for top, tree in params.items():
+    for top, tree in params.items() if not adapters_only else ():
         config = getattr(spec, top, None) if top in PARTS else None
         if config is None:
             rest.update(
@@ -146,11 +163,13 @@ def export_run(
     force: bool = False,
     which: str = "best",
     overrides: Iterable[tuple[str, str]] = (),
+    adapters_only: bool = False,
 ) -> Path:
     """Export the ``which`` ("best" or "latest") checkpoint of ``workdir`` to ``out``.
 
     ``overrides`` (``--config.KEY=VALUE``) change the run's saved config, e.g. ``data.path``
-    when its data moved.
+    when its data moved. ``adapters_only``: the LoRA adapters in PEFT's layout instead of
+    merged weights (``research/peft_export.py``).
     """
     from research.eval.evaluate import load_run
 
@@ -166,7 +185,7 @@ def export_run(
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.export-"))
     try:
-        manifest = write_export(staging, run, source)
+        manifest = write_export(staging, run, source, adapters_only)
         _move_into_place(staging, out)
     finally:
         if staging.exists():
@@ -216,6 +235,11 @@ def load_export(folder: str | Path) -> ExportedRun:
     """The generator of an export folder and all its parameters, from its files alone."""
     folder = Path(folder)
     manifest = read_manifest(folder)
+    if manifest["source"].get("adapters_only"):
+        raise hf.CheckpointError(
+            f"{folder} holds LoRA adapters only (PEFT's layout): load them onto their base "
+            f"{manifest['source']['bases']} with peft.PeftModel.from_pretrained"
+        )
     cfg = from_json_dict(manifest["config"])
     cfg.init.decoder = cfg.data.decoder_tokenizer = str(folder / "decoder")
     if "encoder" in manifest["parts"]:
