@@ -18,7 +18,7 @@ from research.config import ConfigError, load_config, load_config_file
 from research.eval.ablate import command_grid, grid_runs, run_ablation
 from research.eval.evaluate import evaluate_run, load_run
 from research.eval.pepler_compat import rating_errors
-from research.eval.samples import samples_markdown
+from research.eval.samples import samples_markdown, write_samples
 from research.eval.tables import results_markdown
 from tests.test_cli_errors import one_line_error
 
@@ -225,7 +225,7 @@ def test_samples_page_shows_each_method_of_seed0_for_the_same_drawn_examples(
         assert f"user `{row['user']}`, item `{row['item']}`" in section.splitlines()[0]
         table = [line[2:-2].split(" | ", 1) for line in section.splitlines()[4:]]
         texts = {name: text.replace("\\|", "|") for name, text in table}
-        assert list(texts) == ["reference", *sorted(CELLS)]
+        assert list(texts) == ["reference", *CELLS[::-1]]  # results.csv's order, as results.md
         expected = {c: generated(c, 0)[example]["generated"] for c in CELLS}
         for name, text in {"reference": row["reference"], **expected}.items():
             assert texts[name] == (" ".join(text.split()) or "(empty)"), name
@@ -234,6 +234,23 @@ def test_samples_page_shows_each_method_of_seed0_for_the_same_drawn_examples(
     assert (tmp_path / "again.md").read_text() == page
     assert samples_markdown(ablation, n=10).count("\n## Example ") == 6  # all there are
     assert one_line_error(capsys, ["samples", "--workdir", str(tmp_path)], 2, "samples.jsonl")
+
+
+def test_samples_page_lists_the_cells_in_the_order_of_results_csv(tmp_path):
+    for cell in ("a", "b", "c"):
+        path = tmp_path / cell / "seed0" / "eval" / "test" / "samples.jsonl"
+        path.parent.mkdir(parents=True)
+        rows = [{"example": i, "user": "u", "item": "i", "reference": "r", "generated": cell}
+                for i in range(3)]  # fmt: skip
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    (tmp_path / "results.csv").write_text("cell,seed\nc,0\nc,1\na,0\n")
+    page = write_samples(tmp_path, n=1).read_text()
+    assert [line.split(" | ")[0] for line in page.splitlines()[-4:]] == [
+        "| reference",
+        "| c",
+        "| a",
+        "| b",
+    ]
 
 
 def test_generate_from_user_and_item_and_the_unknown_id_error(ablation: Path, capsys):

@@ -10,6 +10,7 @@ shows, per example, the user and item ids, the reference and each cell's text::
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 from typing import Any
@@ -79,7 +80,12 @@ def samples_markdown(
 
 
 def write_samples(workdir: str | Path, out: str | Path | None = None, **options: Any) -> Path:
-    """Write :func:`samples_markdown` to ``out`` (default ``workdir/samples.md``)."""
+    """Write :func:`samples_markdown` to ``out`` (default ``workdir/samples.md``), the cells
+    in the order of ``workdir/results.csv`` (the grid's, as in results.md) when it exists."""
     out = Path(out) if out else Path(workdir) / "samples.md"
+    results = Path(workdir) / "results.csv"
+    if results.exists() and "cell_order" not in options:
+        with results.open(newline="") as f:
+            options["cell_order"] = list(dict.fromkeys(row["cell"] for row in csv.DictReader(f)))
     out.write_text(samples_markdown(workdir, **options))
     return out
