@@ -1,6 +1,7 @@
-"""Shared fixtures: tiny GPT-2 checkpoints written by transformers' PyTorch code, MiniLM.
+"""Shared fixtures and helpers: tiny checkpoints written by transformers' PyTorch code,
+MiniLM, padded batches, random generators and the decoding references.
 
-The PyTorch models here are the reference every Flax test compares against. Everything is
+The PyTorch models here are the reference every Flax test compares against. Fixtures are
 session-scoped so the checkpoints are written and loaded once per test run.
 """
 
@@ -9,13 +10,16 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import transformers
 
-from research import assets
+from research import assets, sampling
 from research.models import hf
+from research.models.conditioning import needs_encoder, parse_conditioning
+from research.models.generator import Generator, GeneratorSpec, init_generator
 
 # Small enough to be instant, big enough to have several heads, layers and shards.
 TINY_GPT2 = dict(
@@ -104,16 +108,28 @@ def tiny_gpt2(tiny_gpt2_folder):
     return hf.load_pretrained(tiny_gpt2_folder)
 
 
-@pytest.fixture(scope="session")
-def gpt2_batches() -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """``{"right"|"left": (input_ids [4, 12], attention_mask [4, 12])}``.
+def save_random_models(tmp_path_factory, models: dict, seed_offset: int = 0) -> dict:
+    """``{name: (torch model, folder)}`` for ``models`` ``{name: (model class, config)}``:
+    model ``i`` built under ``torch.manual_seed(i)``, randomised with ``seed_offset + i``
+    (:func:`randomise_`) and saved by transformers into its own folder."""
+    out = {}
+    for i, (name, (model_cls, config)) in enumerate(models.items()):
+        torch.manual_seed(i)
+        model = randomise_(model_cls(config), seed=seed_offset + i)
+        folder = tmp_path_factory.mktemp(name)
+        model.save_pretrained(folder)
+        out[name] = (model, folder)
+    return out
 
-    Same token sequences (lengths 12, 7, 3, 1) padded on either side; padding ids are random
+
+def padded_batches(vocab_size: int, seq: int, lengths: tuple[int, ...]) -> dict:
+    """``{"right"|"left": (input_ids [batch, seq], attention_mask [batch, seq])}``.
+
+    The same token sequences of ``lengths`` padded on either side; padding ids are random
     too, so a mask that leaks shows up as a difference.
     """
     rng = np.random.default_rng(0)
-    batch, seq, lengths = 4, 12, (12, 7, 3, 1)
-    ids = rng.integers(0, TINY_GPT2["vocab_size"], (batch, seq)).astype(np.int32)
+    ids = rng.integers(0, vocab_size, (len(lengths), seq)).astype(np.int32)
     right = (np.arange(seq)[None, :] < np.array(lengths)[:, None]).astype(np.int32)
     left = right[:, ::-1].copy()
     left_ids = np.stack([np.roll(row, seq - n) for row, n in zip(ids, lengths, strict=True)])
@@ -121,24 +137,139 @@ def gpt2_batches() -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 
 @pytest.fixture(scope="session")
-def torch_gpt2_logits():
-    """``f(model, mask, input_ids=None, inputs_embeds=None) -> logits`` from PyTorch GPT-2.
+def gpt2_batches() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """:func:`padded_batches` ``[4, 12]`` of lengths 12, 7, 3, 1."""
+    return padded_batches(TINY_GPT2["vocab_size"], 12, (12, 7, 3, 1))
+
+
+def torch_lm_logits(model, mask, input_ids=None, inputs_embeds=None) -> np.ndarray:
+    """A PyTorch causal LM's logits, float32 numpy ``[batch, seq, vocab]``.
 
     Position ids are passed explicitly (``mask_positions``), so padding on either side takes
-    no position, as in our model. Returns float32 numpy ``[batch, seq, vocab]``.
+    no position, as in our models.
     """
+    with torch.no_grad():
+        out = model(
+            input_ids=None if input_ids is None else torch.as_tensor(input_ids).long(),
+            inputs_embeds=inputs_embeds,
+            attention_mask=torch.as_tensor(mask).long(),
+            position_ids=torch.as_tensor(mask_positions(mask)).long(),
+        )
+    return out.logits.float().numpy()
 
-    def run(model, mask, input_ids=None, inputs_embeds=None):
-        with torch.no_grad():
-            out = model(
-                input_ids=None if input_ids is None else torch.as_tensor(input_ids).long(),
-                inputs_embeds=inputs_embeds,
-                attention_mask=torch.as_tensor(mask).long(),
-                position_ids=torch.as_tensor(mask_positions(mask)).long(),
-            )
-        return out.logits.float().numpy()
 
-    return run
+@pytest.fixture(scope="session")
+def torch_gpt2_logits():
+    """:func:`torch_lm_logits`, for the GPT-2 tests."""
+    return torch_lm_logits
+
+
+def valid_diff(ours, theirs, mask) -> float:
+    """The largest absolute difference where ``mask`` ``[batch, seq]`` is 1."""
+    rows = np.asarray(mask).astype(bool)
+    return float(np.max(np.abs(np.asarray(ours)[rows] - np.asarray(theirs)[rows])))
+
+
+# --- Generators with every hook, and the decoding references ---------------------------------
+
+
+def random_generator(decoder, encoder, conditioning: str) -> tuple[Generator, dict]:
+    """A generator (5 users, 7 items) with random parameters: norm scales/weights around 1,
+    the rest around 0, so zero-initialised conditioning weights (cross-attention output,
+    additive projection) really change the logits. ``init_generator`` gives the tree; numpy
+    fills it (compiling the initialisers would take longer than the tests that use it)."""
+    methods = parse_conditioning(conditioning)
+    spec = GeneratorSpec(
+        decoder,
+        encoder if needs_encoder(methods) else None,
+        methods,
+        options={"prefix_length": 3, "cross_attention_every": 1},
+        num_users=5,
+        num_items=7,
+    )
+    model = Generator(spec)
+    shapes = jax.eval_shape(functools.partial(init_generator, model), jax.random.key(0))
+    rng = np.random.default_rng(1)
+
+    def draw(path, leaf):
+        centre = 1.0 if jax.tree_util.keystr(path).endswith(("['scale']", "['weight']")) else 0.0
+        return jnp.asarray(rng.normal(centre, 0.1, leaf.shape), jnp.float32)
+
+    return model, jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+def conditioning_batch(encoder_vocab: int, rows: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """What :func:`random_generator`'s conditioning reads: encoder inputs ``[rows, 6]`` (right
+    padded), users and items, example ids ``0..rows-1``."""
+    rng = np.random.default_rng(seed)
+    enc_len = 6
+    lengths = rng.integers(2, enc_len + 1, rows)
+    return {
+        "encoder_ids": rng.integers(1, encoder_vocab, (rows, enc_len)).astype(np.int32),
+        "encoder_mask": (np.arange(enc_len)[None] < lengths[:, None]).astype(np.int32),
+        "user": rng.integers(0, 5, rows).astype(np.int32),
+        "item": rng.integers(0, 7, rows).astype(np.int32),
+        "example": np.arange(rows, dtype=np.int32),
+    }
+
+
+def incremental_and_full(model, params, batch, token_high: int, pad_id: int):
+    """Three left-padded rows (lengths 8, 6, 5; padding only inside the 4-token prompt):
+    ``(logits of prefill + one-token decode steps, logits of the full forward, ids, mask)``,
+    logits ``[3, 8, vocab]``, token ids drawn below ``token_high``."""
+    seq, prompt_len, lengths = 8, 4, np.array([8, 6, 5])
+    mask = (np.arange(seq)[None] >= seq - lengths[:, None]).astype(np.int32)
+    tokens = np.random.default_rng(1).integers(0, token_high, (3, seq))
+    ids = np.where(mask, tokens, pad_id)
+    full = apply_model(model, params, {**batch, "decoder_ids": ids, "decoder_mask": mask})
+    conditioning = {k: v for k, v in batch.items() if k != "example"}
+    prefill = jax.jit(sampling.prefill, static_argnums=(0, 5))
+    step = jax.jit(sampling.decode_step, static_argnums=0)
+    logits, state = prefill(
+        model, params, conditioning, ids[:, :prompt_len], mask[:, :prompt_len], seq - prompt_len
+    )
+    pieces = [logits]
+    for t in range(prompt_len, seq):
+        logits, state = step(model, params, state, jnp.asarray(ids[:, t]))
+        pieces.append(logits[:, None])
+    return np.concatenate(pieces, axis=1), np.asarray(full), ids, mask
+
+
+def generate_pair(torch_model, folder) -> tuple:
+    """``(torch_model, our plain Generator, its params)``: ``torch_model`` saved into
+    ``folder`` and read back by our loader."""
+    torch_model.save_pretrained(folder)
+    decoder, decoder_params = hf.load_pretrained(folder)
+    model = Generator(GeneratorSpec(decoder.config, None, ("none",)))
+    return torch_model, model, {"decoder": decoder_params}
+
+
+def left_padded_prompts(pad_id: int) -> dict[str, np.ndarray]:
+    """Six left-padded prompts of lengths 5, 3, 1, 4, 2, 5 (padded with ``pad_id``, masked),
+    token ids below ``pad_id``."""
+    rng = np.random.default_rng(0)
+    lengths, width = (5, 3, 1, 4, 2, 5), 5
+    ids = np.full((len(lengths), width), pad_id, np.int32)
+    mask = np.zeros((len(lengths), width), np.int32)
+    for row, n in enumerate(lengths):
+        ids[row, width - n :] = rng.integers(0, pad_id, n)
+        mask[row, width - n :] = 1
+    return {"prompt_ids": ids, "prompt_mask": mask, "example": np.arange(len(lengths))}
+
+
+def torch_generate(torch_model, prompts, new_tokens: int, pad_id: int, **kwargs) -> np.ndarray:
+    """transformers' greedy/beam new tokens ``[batch, new_tokens]``, padded with ``pad_id``."""
+    ids = torch.as_tensor(prompts["prompt_ids"]).long()
+    with torch.no_grad():
+        out = torch_model.generate(
+            ids,
+            attention_mask=torch.as_tensor(prompts["prompt_mask"]).long(),
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            **kwargs,
+        )
+    new = out[:, ids.shape[1] :].numpy()
+    return np.pad(new, ((0, 0), (0, new_tokens - new.shape[1])), constant_values=pad_id)
 
 
 @pytest.fixture(scope="session")

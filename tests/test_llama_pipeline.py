@@ -11,7 +11,6 @@ import functools
 import json
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -22,14 +21,22 @@ from research import cli, sampling
 from research.config import load_config
 from research.data import tokenizers
 from research.data.pipeline import cache_key, load_dataset
-from research.models import hf
 from research.models.bert import BertConfig
 from research.models.build import build_generator
-from research.models.conditioning import needs_encoder, parse_conditioning
 from research.models.generator import GROUPS, Generator, GeneratorSpec, init_generator
 from research.train.optim import make_optimizer, trainable_labels
 from research.train.steps import init_state, make_train_step, replicate, shard
-from tests.conftest import TINY_LLAMA, randomise_, write_tiny_roberta
+from tests.conftest import (
+    TINY_LLAMA,
+    conditioning_batch,
+    generate_pair,
+    incremental_and_full,
+    left_padded_prompts,
+    random_generator,
+    randomise_,
+    write_tiny_roberta,
+)
+from tests.conftest import torch_generate as reference_generate
 
 TINY = "tests/configs/tiny.py"
 # The tiny BPE spends 13-16 tokens on a synthetic review (GPT-2: 10-11).
@@ -94,38 +101,16 @@ def llama_pair(tmp_path_factory):
     torch.manual_seed(0)
     torch_model = randomise_(transformers.LlamaForCausalLM(config), seed=1)
     torch_model.generation_config.pad_token_id = LLAMA_EOS
-    folder = tmp_path_factory.mktemp("tiny_llama_eos")
-    torch_model.save_pretrained(folder)
-    decoder, decoder_params = hf.load_pretrained(folder)
-    model = Generator(GeneratorSpec(decoder.config, None, ("none",)))
-    return torch_model, model, {"decoder": decoder_params}
+    return generate_pair(torch_model, tmp_path_factory.mktemp("tiny_llama_eos"))
 
 
 @pytest.fixture(scope="module")
 def prompts() -> dict[str, np.ndarray]:
-    """Six left-padded prompts of lengths 5, 3, 1, 4, 2, 5 (pad id = EOS, masked)."""
-    rng = np.random.default_rng(0)
-    lengths, width = (5, 3, 1, 4, 2, 5), 5
-    ids = np.full((len(lengths), width), LLAMA_EOS, np.int32)
-    mask = np.zeros((len(lengths), width), np.int32)
-    for row, n in enumerate(lengths):
-        ids[row, width - n :] = rng.integers(0, LLAMA_EOS, n)
-        mask[row, width - n :] = 1
-    return {"prompt_ids": ids, "prompt_mask": mask, "example": np.arange(len(lengths))}
+    return left_padded_prompts(LLAMA_EOS)
 
 
 def torch_generate(torch_model, prompts, **kwargs) -> np.ndarray:
-    ids = torch.as_tensor(prompts["prompt_ids"]).long()
-    with torch.no_grad():
-        out = torch_model.generate(
-            ids,
-            attention_mask=torch.as_tensor(prompts["prompt_mask"]).long(),
-            max_new_tokens=NEW_TOKENS,
-            do_sample=False,
-            **kwargs,
-        )
-    new = out[:, ids.shape[1] :].numpy()
-    return np.pad(new, ((0, 0), (0, NEW_TOKENS - new.shape[1])), constant_values=LLAMA_EOS)
+    return reference_generate(torch_model, prompts, NEW_TOKENS, LLAMA_EOS, **kwargs)
 
 
 @pytest.mark.parametrize(
@@ -209,61 +194,15 @@ ENCODER = BertConfig(
 ALL_METHODS = "prefix+cross_attention+additive+id_prompt"
 
 
-def llama_generator(conditioning: str, decoder) -> tuple[Generator, dict]:
-    """Random parameters (norm weights around 1, the rest around 0: zero-initialised
-    conditioning outputs must not hide a bug)."""
-    methods = parse_conditioning(conditioning)
-    spec = GeneratorSpec(
-        decoder,
-        ENCODER if needs_encoder(methods) else None,
-        methods,
-        options={"prefix_length": 3, "cross_attention_every": 1},
-        num_users=5,
-        num_items=7,
-    )
-    model = Generator(spec)
-    shapes = jax.eval_shape(functools.partial(init_generator, model), jax.random.key(0))
-    rng = np.random.default_rng(1)
-
-    def draw(path, leaf):
-        centre = 1.0 if jax.tree_util.keystr(path).endswith(("['scale']", "['weight']")) else 0.0
-        return jnp.asarray(rng.normal(centre, 0.1, leaf.shape), jnp.float32)
-
-    return model, jax.tree_util.tree_map_with_path(draw, shapes)
-
-
-def conditioning_batch(rows: int, seed: int = 0) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    lengths = rng.integers(2, 7, rows)
-    return {
-        "encoder_ids": rng.integers(1, ENCODER.vocab_size, (rows, 6)).astype(np.int32),
-        "encoder_mask": (np.arange(6)[None] < lengths[:, None]).astype(np.int32),
-        "user": rng.integers(0, 5, rows).astype(np.int32),
-        "item": rng.integers(0, 7, rows).astype(np.int32),
-    }
-
-
 @pytest.mark.parametrize("conditioning", ["cross_attention+additive", "prefix+id_prompt"])
 def test_incremental_decoding_equals_full_forward(conditioning, llama_pair):
     """Prefill (soft prefix, left-padded prompt) then one token per step == the full forward:
     the rotary positions after a prefix and the GQA cache agree with the whole-sequence pass."""
-    model, params = llama_generator(conditioning, llama_pair[1].spec.decoder)
-    batch = conditioning_batch(3)
-    seq, prompt_len, lengths = 8, 4, np.array([8, 6, 5])
-    mask = (np.arange(seq)[None] >= seq - lengths[:, None]).astype(np.int32)
-    ids = np.where(mask, np.random.default_rng(1).integers(0, 280, (3, seq)), LLAMA_EOS)
-    forward = jax.jit(model.apply)
-    full = forward({"params": params}, {**batch, "decoder_ids": ids, "decoder_mask": mask})
-    prefill = jax.jit(sampling.prefill, static_argnums=(0, 5))
-    step = jax.jit(sampling.decode_step, static_argnums=0)
-    logits, state = prefill(model, params, batch, ids[:, :prompt_len], mask[:, :prompt_len], 4)
-    pieces = [logits]
-    for t in range(prompt_len, seq):
-        logits, state = step(model, params, state, jnp.asarray(ids[:, t]))
-        pieces.append(logits[:, None])
-    incremental = np.concatenate(pieces, axis=1)
+    model, params = random_generator(llama_pair[1].spec.decoder, ENCODER, conditioning)
+    batch = conditioning_batch(ENCODER.vocab_size, 3)
+    incremental, full, _, mask = incremental_and_full(model, params, batch, 280, LLAMA_EOS)
     real = mask.astype(bool)
-    assert np.max(np.abs(incremental[real] - np.asarray(full)[real])) < 1e-4
+    assert np.max(np.abs(incremental[real] - full[real])) < 1e-4
 
 
 def test_every_conditioning_method_trains_a_llama(tiny_llama_torch_and_folder):

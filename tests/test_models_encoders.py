@@ -15,7 +15,7 @@ import transformers
 from research.models import hf
 from research.models.bert import BertEncoder
 from research.models.distilbert import DistilBertEncoder
-from tests.conftest import apply_model, randomise_
+from tests.conftest import apply_model, save_random_models, valid_diff
 
 PARITY_TOL = 1e-4
 VOCAB = 200
@@ -51,14 +51,7 @@ ENCODERS = {
 @pytest.fixture(scope="module")
 def encoders(tmp_path_factory):
     """``{name: (torch model, folder)}``."""
-    out = {}
-    for i, (name, (model_cls, config)) in enumerate(ENCODERS.items()):
-        torch.manual_seed(i)
-        model = randomise_(model_cls(config), seed=10 + i)
-        folder = tmp_path_factory.mktemp(name)
-        model.save_pretrained(folder)
-        out[name] = (model, folder)
-    return out
+    return save_random_models(tmp_path_factory, ENCODERS, seed_offset=10)
 
 
 def padded_batch(pad_id: int, side: str) -> tuple[np.ndarray, np.ndarray]:
@@ -80,11 +73,6 @@ def torch_states(model, ids, mask) -> np.ndarray:
             input_ids=torch.as_tensor(ids).long(), attention_mask=torch.as_tensor(mask).long()
         )
     return out.last_hidden_state.numpy()
-
-
-def valid_diff(ours, theirs, mask) -> float:
-    rows = mask.astype(bool)
-    return float(np.max(np.abs(np.asarray(ours)[rows] - np.asarray(theirs)[rows])))
 
 
 @pytest.mark.parametrize("side", ["right", "left"])

@@ -20,7 +20,13 @@ from research.models import hf
 from research.models.decoder_inputs import DecoderInputs
 from research.models.llama import LlamaLM, init_cache, rope_frequencies
 from research.models.llama_config import LlamaConfig
-from tests.conftest import apply_model, mask_positions, randomise_
+from tests.conftest import (
+    apply_model,
+    padded_batches,
+    save_random_models,
+    valid_diff,
+)
+from tests.conftest import torch_lm_logits as torch_logits
 
 PARITY_TOL = 1e-4
 VOCAB = 256
@@ -77,42 +83,17 @@ VARIANTS = {
 @pytest.fixture(scope="module")
 def references(tmp_path_factory):
     """``{variant: (torch model, folder)}``: random weights saved by transformers."""
-    out = {}
-    for i, (name, (model_cls, config_cls, extra)) in enumerate(VARIANTS.items()):
-        torch.manual_seed(i)
-        config = config_cls(**{**TINY, **extra})
-        model = randomise_(model_cls(config), seed=i)
-        folder = tmp_path_factory.mktemp(name)
-        model.save_pretrained(folder)
-        out[name] = (model, folder)
-    return out
+    models = {
+        name: (model_cls, config_cls(**{**TINY, **extra}))
+        for name, (model_cls, config_cls, extra) in VARIANTS.items()
+    }
+    return save_random_models(tmp_path_factory, models)
 
 
 @pytest.fixture(scope="module")
 def batches():
-    """``{"right"|"left": (ids [3, 10], mask [3, 10])}``: lengths 10, 6, 2, random padding ids."""
-    rng = np.random.default_rng(0)
-    seq, lengths = 10, (10, 6, 2)
-    ids = rng.integers(0, VOCAB, (len(lengths), seq)).astype(np.int32)
-    right = (np.arange(seq)[None, :] < np.array(lengths)[:, None]).astype(np.int32)
-    left_ids = np.stack([np.roll(row, seq - n) for row, n in zip(ids, lengths, strict=True)])
-    return {"right": (ids, right), "left": (left_ids, right[:, ::-1].copy())}
-
-
-def torch_logits(model, mask, input_ids=None, inputs_embeds=None) -> np.ndarray:
-    with torch.no_grad():
-        out = model(
-            input_ids=None if input_ids is None else torch.as_tensor(input_ids).long(),
-            inputs_embeds=inputs_embeds,
-            attention_mask=torch.as_tensor(mask).long(),
-            position_ids=torch.as_tensor(mask_positions(mask)).long(),
-        )
-    return out.logits.float().numpy()
-
-
-def valid_diff(ours, theirs, mask) -> float:
-    rows = np.asarray(mask).astype(bool)
-    return float(np.max(np.abs(np.asarray(ours)[rows] - np.asarray(theirs)[rows])))
+    """:func:`padded_batches` ``[3, 10]`` of lengths 10, 6, 2."""
+    return padded_batches(VOCAB, 10, (10, 6, 2))
 
 
 @pytest.mark.parametrize("side", ["right", "left"])

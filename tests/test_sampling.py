@@ -22,14 +22,23 @@ import transformers
 
 from research import sampling
 from research.data.tokenizers import gpt2_tokenizer
-from research.models import hf
 from research.models.bert import BertConfig
-from research.models.conditioning import METHODS, needs_encoder, parse_conditioning
-from research.models.generator import Generator, GeneratorSpec, init_generator
+from research.models.conditioning import METHODS
+from research.models.generator import Generator
 from research.models.gpt2 import GPT2Config
 from research.sampling import runner
 from research.sampling.processors import repetition_penalized
-from tests.conftest import TINY_GPT2, randomise_
+from tests.conftest import (
+    TINY_GPT2,
+    apply_model,
+    conditioning_batch,
+    generate_pair,
+    incremental_and_full,
+    left_padded_prompts,
+    random_generator,
+    randomise_,
+)
+from tests.conftest import torch_generate as reference_generate
 
 PARITY_TOL = 1e-4  # max abs logit difference, float32 (the issue's bar)
 
@@ -52,76 +61,31 @@ CONDITIONINGS = tuple(METHODS) + ("prefix+id_prompt",)
 
 @functools.cache
 def tiny_generator(conditioning: str) -> tuple[Generator, dict]:
-    """A generator with random parameters (LayerNorm scales around 1, the rest around 0), so
-    that zero-initialised conditioning weights (cross-attention output, additive projection)
-    really change the logits. ``init_generator`` gives the tree; numpy fills it (compiling
-    the initialisers would take longer than all the decoding below)."""
-    methods = parse_conditioning(conditioning)
-    spec = GeneratorSpec(
-        DECODER,
-        ENCODER if needs_encoder(methods) else None,
-        methods,
-        options={"prefix_length": 3, "cross_attention_every": 1},
-        num_users=5,
-        num_items=7,
-    )
-    model = Generator(spec)
-    shapes = jax.eval_shape(functools.partial(init_generator, model), jax.random.key(0))
-    rng = np.random.default_rng(1)
-
-    def draw(path, leaf):
-        centre = 1.0 if jax.tree_util.keystr(path).endswith("['scale']") else 0.0
-        return jnp.asarray(rng.normal(centre, 0.1, leaf.shape), jnp.float32)
-
-    return model, jax.tree_util.tree_map_with_path(draw, shapes)
-
-
-def conditioning_batch(rows: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Encoder inputs (right padded), users and items, example ids ``0..rows-1``."""
-    rng = np.random.default_rng(seed)
-    enc_len = 6
-    lengths = rng.integers(2, enc_len + 1, rows)
-    return {
-        "encoder_ids": rng.integers(1, ENCODER.vocab_size, (rows, enc_len)).astype(np.int32),
-        "encoder_mask": (np.arange(enc_len)[None] < lengths[:, None]).astype(np.int32),
-        "user": rng.integers(0, 5, rows).astype(np.int32),
-        "item": rng.integers(0, 7, rows).astype(np.int32),
-        "example": np.arange(rows, dtype=np.int32),
-    }
+    return random_generator(DECODER, ENCODER, conditioning)
 
 
 @pytest.mark.parametrize("conditioning", CONDITIONINGS)
 def test_incremental_decoding_equals_full_forward(conditioning):
     """Prefill a left-padded prompt, feed the rest one token at a time; every logit agrees."""
     model, params = tiny_generator(conditioning)
-    batch = conditioning_batch(3)
-    seq, prompt_len, lengths = 8, 4, np.array([8, 6, 5])  # padding only inside the prompt
-    rng = np.random.default_rng(1)
-    mask = (np.arange(seq)[None] >= seq - lengths[:, None]).astype(np.int32)
-    ids = np.where(mask, rng.integers(0, DECODER.vocab_size - 1, (3, seq)), DECODER.eos_token_id)
-    forward = jax.jit(model.apply)
-    full = forward({"params": params}, {**batch, "decoder_ids": ids, "decoder_mask": mask})
-
-    conditioning_inputs = {k: v for k, v in batch.items() if k != "example"}
-    prefill = jax.jit(sampling.prefill, static_argnums=(0, 5))
-    step = jax.jit(sampling.decode_step, static_argnums=0)
-    logits, state = prefill(
-        model, params, conditioning_inputs, ids[:, :prompt_len], mask[:, :prompt_len], 4
+    batch = conditioning_batch(ENCODER.vocab_size, 3)
+    incremental, full, ids, mask = incremental_and_full(
+        model, params, batch, DECODER.vocab_size - 1, DECODER.eos_token_id
     )
-    pieces = [logits]
-    for t in range(prompt_len, seq):
-        logits, state = step(model, params, state, jnp.asarray(ids[:, t]))
-        pieces.append(logits[:, None])
-    incremental = np.concatenate(pieces, axis=1)
     real = mask.astype(bool)
-    assert np.max(np.abs(incremental[real] - np.asarray(full)[real])) < PARITY_TOL
+    assert np.max(np.abs(incremental[real] - full[real])) < PARITY_TOL
     # The conditioning matters: another user/item/encoder input changes the logits.
     if conditioning != "none":
-        other = forward(
-            {"params": params},
-            {**conditioning_batch(3, seed=5), "decoder_ids": ids, "decoder_mask": mask},
+        other = apply_model(
+            model,
+            params,
+            {
+                **conditioning_batch(ENCODER.vocab_size, 3, seed=5),
+                "decoder_ids": ids,
+                "decoder_mask": mask,
+            },
         )
-        assert np.max(np.abs(np.asarray(other)[real] - np.asarray(full)[real])) > 1e-2
+        assert np.max(np.abs(np.asarray(other)[real] - full[real])) > 1e-2
 
 
 # --- Against transformers' generate on a tiny GPT-2 ---------------------------------------
@@ -138,39 +102,16 @@ def hf_pair(tmp_path_factory):
     torch.manual_seed(0)
     torch_model = randomise_(transformers.GPT2LMHeadModel(config), seed=1)
     torch_model.generation_config.pad_token_id = HF_EOS
-    folder = tmp_path_factory.mktemp("tiny_gpt2_eos")
-    torch_model.save_pretrained(folder)
-    decoder, decoder_params = hf.load_pretrained(folder)
-    model = Generator(GeneratorSpec(decoder.config, None, ("none",)))
-    return torch_model, model, {"decoder": decoder_params}
+    return generate_pair(torch_model, tmp_path_factory.mktemp("tiny_gpt2_eos"))
 
 
 @pytest.fixture(scope="module")
 def prompts() -> dict[str, np.ndarray]:
-    """Six left-padded prompts of lengths 5, 3, 1, 4, 2, 5 (pad id = EOS, masked)."""
-    rng = np.random.default_rng(0)
-    lengths, width = (5, 3, 1, 4, 2, 5), 5
-    ids = np.full((len(lengths), width), HF_EOS, np.int32)
-    mask = np.zeros((len(lengths), width), np.int32)
-    for row, n in enumerate(lengths):
-        ids[row, width - n :] = rng.integers(0, HF_EOS, n)
-        mask[row, width - n :] = 1
-    return {"prompt_ids": ids, "prompt_mask": mask, "example": np.arange(len(lengths))}
+    return left_padded_prompts(HF_EOS)
 
 
 def torch_generate(torch_model, prompts, **kwargs) -> np.ndarray:
-    """transformers' new tokens ``[batch, HF_NEW_TOKENS]``, padded with the pad id."""
-    ids = torch.as_tensor(prompts["prompt_ids"]).long()
-    with torch.no_grad():
-        out = torch_model.generate(
-            ids,
-            attention_mask=torch.as_tensor(prompts["prompt_mask"]).long(),
-            max_new_tokens=HF_NEW_TOKENS,
-            do_sample=False,
-            **kwargs,
-        )
-    new = out[:, ids.shape[1] :].numpy()
-    return np.pad(new, ((0, 0), (0, HF_NEW_TOKENS - new.shape[1])), constant_values=HF_EOS)
+    return reference_generate(torch_model, prompts, HF_NEW_TOKENS, HF_EOS, **kwargs)
 
 
 @pytest.mark.parametrize(
