@@ -13,6 +13,8 @@ import dataclasses
 import io
 import json
 import math
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +24,7 @@ import torch
 import transformers
 
 from research.bench import MEASUREMENTS, markdown_table, ours, run_bench, target_for
+from research.bench.batches import lm_batch
 from research.bench.common import (
     card_peak_flops,
     lm_train_flops_per_token,
@@ -126,7 +129,7 @@ def test_smoke_compile_memory_and_mfu_fields(smoke):
     for side in ("ours", "reference"):
         assert 100 < memory[side] < 64 * 1024  # MiB
     assert memory["frameworks"]["ours"] == ["jax"]  # each framework alone: no torch in ours
-    assert "torch" in memory["frameworks"]["reference"]
+    assert memory["frameworks"]["reference"] == ["torch"]  # and no JAX in the reference
     for name in ("train_lm", "train_conditioned"):
         row = next(r for r in written if r["measurement"] == name)
         assert row["peak_flops"] > 1e9 and row["peak_source"] == "measured matmul"
@@ -134,6 +137,21 @@ def test_smoke_compile_memory_and_mfu_fields(smoke):
         for side in ("ours", "reference"):
             assert 0 < row["mfu"][side] < 1.5
             assert row["mfu_valid"][side] == (row["mfu"][side] <= 1.0)
+
+
+@pytest.mark.parametrize(
+    "modules, loaded",
+    [
+        ("research.bench.__main__, research.bench.reference", ["torch"]),
+        ("research.bench.__main__, research.bench.ours, research.bench.common", ["jax"]),
+    ],
+)
+def test_each_side_imports_only_its_own_framework(modules, loaded):
+    """A fresh process importing one side (and the child entry point) has only that side's
+    framework in ``sys.modules``: the memory row measures each framework alone."""
+    code = f"import sys, {modules}; print([m for m in ('jax', 'torch') if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == str(loaded)
 
 
 def test_mfu_above_the_peak_is_printed_as_an_invalid_peak():
@@ -167,7 +185,7 @@ def test_lm_flops_formula_equals_matmuls_counted_on_the_jaxpr(decoder):
         setup = dataclasses.replace(setup, decoder=setup.llama)
     model = ours.lm_model(setup)
     params = ours.random_params(model)
-    batch = ours.lm_batch(setup, np.random.default_rng(0))
+    batch = lm_batch(np.random.default_rng(0), setup.batch, setup.seq, setup.decoder.vocab_size)
     forward = matmul_flops(lambda p: model.apply({"params": p}, batch), params)
     tokens = setup.batch * setup.seq
     closed = lm_train_flops_per_token(params["decoder"], setup.decoder, setup.seq) * tokens

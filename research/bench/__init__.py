@@ -31,8 +31,9 @@ and BERT, a few seconds; the test suite runs it).
 
 Modules: :mod:`.measure` (the measurements), :mod:`.report` (targets, table), :mod:`.run`
 (``run_bench``), :mod:`.ours` and :mod:`.reference` (the two sides: only the reference side
-imports torch), ``__main__`` (the fresh-process children of ``compile`` and ``memory``).
-Importing this package loads neither side, so an ``ours`` child never has torch in memory.
+imports torch, and it imports no JAX), :mod:`.batches` (their inputs, numpy only),
+``__main__`` (the fresh-process children of ``compile`` and ``memory``). Importing this
+package loads neither side, so each child has only its own framework in memory.
 """
 
 from __future__ import annotations

@@ -4,8 +4,11 @@
 is ``train``, ``generate`` or both (``train,generate``, in that order). ``train`` trains GPT-2
 (the first step, then a few more) and reads the process's peak resident memory, ``generate``
 decodes greedily twice. It prints one JSON line, by job. A fresh process is what a user
-starts: nothing compiled or cached yet. Only a ``reference`` child imports torch (and
-transformers), so an ``ours`` child's memory is JAX's alone.
+starts: nothing compiled or cached yet. SETUP is the setup's name for ``ours``; for
+``reference`` a JSON object ``{"setup": ReferenceSetup fields, "device": "cpu"|"cuda"}``
+(research/bench/reference.py), which needs no JAX to read. Each side imports only its own
+framework (an ``ours`` child no torch, a ``reference`` child no JAX), so each memory figure
+is one framework's alone; the ``train`` job says which frameworks its process loaded.
 """
 
 from __future__ import annotations
@@ -17,11 +20,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import jax
 import numpy as np
 
-from research.bench import ours
-from research.bench.common import Setup, make_setup
+from research.bench.batches import lm_batch
 
 
 def _timed(fn: Callable[[], Any]) -> float:
@@ -54,39 +55,45 @@ def _first_and_next(fn: Callable[[], Any], steps: int, shapes: dict[str, Any]) -
     }
 
 
-def child(side: str, job: str, setup: Setup) -> dict[str, Any]:
+def child(side: str, job: str, setup_arg: str) -> dict[str, Any]:
     """``train``: the first step, a few more, then the peak memory; ``generate``: two greedy
     decodings of one prompt. Each job runs in its own fresh process."""
     rng = np.random.default_rng(0)
-    if side == "reference":
+    if side == "ours":
+        from research.bench import ours
+        from research.bench.common import make_setup
+
+        setup: Any = make_setup(setup_arg)
+        vocab_size = setup.decoder.vocab_size
+    else:
         import transformers
 
         from research.bench import reference
 
         transformers.logging.set_verbosity_error()
+        spec = json.loads(setup_arg)
+        setup, device = reference.ReferenceSetup(**spec["setup"]), spec["device"]
+        vocab_size = setup.decoder["vocab_size"]
     if job == "train":
-        batch = ours.lm_batch(setup, rng)
+        batch = lm_batch(rng, setup.batch, setup.seq, vocab_size)
         if side == "ours":
             model = ours.lm_model(setup)
             fn: Callable[[], Any] = ours.TrainStep(model, ours.random_params(model), batch)
         else:
-            fn = reference.TrainStep(
-                reference.lm_model(setup), batch, setup, reference.device_for(setup)
-            )
+            fn = reference.TrainStep(reference.lm_model(setup), batch, setup, device)
         result = _first_and_next(fn, setup.memory_steps, {"batch": setup.batch, "seq": setup.seq})
         result["peak_rss_mib"] = _peak_rss_mib()
         # What the peak covers: which frameworks this process loaded.
         result["frameworks"] = [name for name in ("jax", "torch") if name in sys.modules]
-        stats = jax.devices()[0].memory_stats() if side == "ours" else None
-        if stats and "peak_bytes_in_use" in stats:
-            result["device_peak_bytes"] = stats["peak_bytes_in_use"]
+        peak_bytes = ours.device_peak_bytes() if side == "ours" else None
+        if peak_bytes is not None:
+            result["device_peak_bytes"] = peak_bytes
         return result
-    prompt = rng.integers(0, setup.decoder.vocab_size - 1, (1, setup.prompt), dtype=np.int32)
+    prompt = rng.integers(0, vocab_size - 1, (1, setup.prompt), dtype=np.int32)
     if side == "ours":
         model = ours.lm_model(setup, decoding=True)
         fn = ours.greedy(model, ours.random_params(model), prompt, setup.new_tokens)
     else:
-        device = reference.device_for(setup)
         fn = reference.greedy(reference.lm_model(setup), prompt, setup.new_tokens, setup, device)
     shapes = {"batch": 1, "prompt": setup.prompt, "new_tokens": setup.new_tokens}
     return _first_and_next(fn, 1, shapes)
@@ -100,12 +107,11 @@ def main(argv: list[str]) -> int:
     if argv[:1] != ["child"] or argv[1] not in SIDES or not jobs or not set(jobs) <= set(JOBS):
         print(
             "usage: python -m research.bench child {ours,reference} JOB[,JOB] SETUP "
-            "(JOB: train or generate)",
+            "(JOB: train or generate; SETUP: a setup name, for reference its JSON)",
             file=sys.stderr,
         )
         return 2
-    setup = make_setup(argv[3])
-    print(json.dumps({job: child(argv[1], job, setup) for job in jobs}))
+    print(json.dumps({job: child(argv[1], job, argv[3]) for job in jobs}))
     return 0
 
 

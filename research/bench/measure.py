@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from research.bench import ours, reference, throughput
+from research.bench.batches import conditioned_batch, lm_batch
 from research.bench.common import (
     Setup,
     card_peak_flops,
@@ -43,7 +44,14 @@ class Run:
     def __init__(self, setup: Setup):
         self.setup = setup
         self.device = jax.devices()[0]
-        self.reference_device = reference.device_for(setup)
+        self.reference_device = reference.device_for(self.device.platform)
+        # What a child process is told of the setup: ours reads its name, the reference
+        # (no JAX, so no config classes) its plain-data view.
+        reference_spec = {"setup": dataclasses.asdict(reference.ReferenceSetup.of(setup))}
+        self._child_setup = {
+            "ours": setup.name,
+            "reference": json.dumps(reference_spec | {"device": self.reference_device}),
+        }
         self._peak: dict[str, Any] | None = None
         self._children: dict[tuple[str, str], dict[str, Any]] = {}
 
@@ -84,7 +92,7 @@ class Run:
                 wanted = [(s, ("train", "generate")) for s in sides]
             else:
                 wanted = [(side, (job,))]
-            self._children |= _run_children(wanted, self.setup.name)
+            self._children |= _run_children(wanted, self._child_setup)
         return self._children[side, job]
 
 
@@ -191,13 +199,14 @@ def _with_llama(run: Run) -> Setup:
 def measure_train_lm(run: Run, name: str = "train_lm", s: Setup | None = None) -> list[dict]:
     s = s or run.setup
     rng = np.random.default_rng(0)
-    torch_model = reference.lm_model(s)
-    params = reference.as_flax_params(torch_model, s)  # both sides start from the same weights
-    batch = ours.lm_batch(s, rng)
+    ref = reference.ReferenceSetup.of(s)
+    torch_model = reference.lm_model(ref)
+    params = ours.params_from_reference(torch_model, s)  # both sides start from the same weights
+    batch = lm_batch(rng, s.batch, s.seq, s.decoder.vocab_size)
     mine = ours.TrainStep(ours.lm_model(s), params, batch)
     theirs = None
     if run.reference_device is not None:
-        theirs = reference.TrainStep(torch_model, batch, s, run.reference_device)
+        theirs = reference.TrainStep(torch_model, batch, ref, run.reference_device)
     times, first_loss = _train_compare(run, mine, theirs)
     tokens = s.batch * s.seq
     flops = lm_train_flops_per_token(params, s.decoder, s.seq) * tokens
@@ -221,12 +230,13 @@ def measure_train_conditioned(run: Run) -> list[dict[str, Any]]:
     rng = np.random.default_rng(0)
     model = ours.conditioned_model(s)
     params = ours.random_params(model)
-    batch = ours.conditioned_batch(s, rng)
+    batch = conditioned_batch(rng, s)
     mine = ours.TrainStep(model, params, batch)
     theirs = None
     if run.reference_device is not None:
-        torch_model = reference.conditioned_model(s)
-        theirs = reference.TrainStep(torch_model, batch, s, run.reference_device)
+        ref = reference.ReferenceSetup.of(s)
+        torch_model = reference.conditioned_model(ref)
+        theirs = reference.TrainStep(torch_model, batch, ref, run.reference_device)
     times, first_loss = _train_compare(run, mine, theirs)
     forward = matmul_flops(lambda p: model.apply({"params": p}, batch), params)
     return [
@@ -250,8 +260,9 @@ def _keeping(store: dict[str, np.ndarray], side: str, fn: Callable[[], Any]) -> 
 
 def measure_generate(run: Run, name: str = "generate", s: Setup | None = None) -> list[dict]:
     s = s or run.setup
-    torch_model = reference.lm_model(s)
-    params = reference.as_flax_params(torch_model, s)
+    ref = reference.ReferenceSetup.of(s)
+    torch_model = reference.lm_model(ref)
+    params = ours.params_from_reference(torch_model, s)
     model = ours.lm_model(s, decoding=True)
     rng = np.random.default_rng(0)
     rows = []
@@ -261,7 +272,7 @@ def measure_generate(run: Run, name: str = "generate", s: Setup | None = None) -
         outputs: dict[str, np.ndarray] = {}
         runs = {"ours": _keeping(outputs, "ours", ours.greedy(model, params, prompt, s.new_tokens))}
         if run.reference_device is not None:
-            fn = reference.greedy(torch_model, prompt, s.new_tokens, s, run.reference_device)
+            fn = reference.greedy(torch_model, prompt, s.new_tokens, ref, run.reference_device)
             runs["reference"] = _keeping(outputs, "reference", fn)
         times = interleaved(runs, s.warmup, s.repeats)
         details = {}
@@ -327,7 +338,7 @@ def measure_memory(run: Run) -> list[dict[str, Any]]:
                 "reference": theirs and theirs["frameworks"],
             },
             "note": "fresh process each, whole-process peak (imports, compilation included); "
-            "the ours process never imports torch",
+            "each process loads only its own framework",
         }
     ]
 
@@ -349,14 +360,15 @@ MEASURE: dict[str, Callable[[Run], list[dict[str, Any]]]] = {
 
 
 def _run_children(
-    wanted: list[tuple[str, tuple[str, ...]]], setup_name: str
+    wanted: list[tuple[str, tuple[str, ...]]], setup_by_side: dict[str, str]
 ) -> dict[tuple[str, str], dict[str, Any]]:
     """Run ``python -m research.bench child SIDE JOBS SETUP`` for every (side, jobs) at once
     -> results by (side, job)."""
     env = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
     started = []
     for side, jobs in wanted:
-        cmd = [sys.executable, "-m", "research.bench", "child", side, ",".join(jobs), setup_name]
+        jobs_arg = ",".join(jobs)
+        cmd = [sys.executable, "-m", "research.bench", "child", side, jobs_arg, setup_by_side[side]]
         pipe = subprocess.PIPE
         started.append(
             (side, cmd, subprocess.Popen(cmd, stdout=pipe, stderr=pipe, text=True, env=env))

@@ -1,15 +1,19 @@
-"""Our side of each measurement: the project's real train step and sampler, on one device."""
+"""Our side of each measurement: the project's real train step and sampler, on one device.
+
+Imports no torch, so an ``ours`` child process measures JAX's memory alone."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
 from research import sampling
 from research.bench.common import Setup
+from research.models import families, hf
 from research.models.generator import GROUPS, Generator, GeneratorSpec, init_generator
 from research.train.optim import make_optimizer, trainable_labels
 from research.train.steps import init_state, make_train_step, replicate, shard
@@ -50,6 +54,25 @@ def random_params(model: Generator, seed: int = 0) -> dict[str, Any]:
     return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
+def params_from_reference(torch_model: Any, setup: Setup) -> dict[str, Any]:
+    """The reference decoder's weights (a transformers model, read through its
+    ``state_dict``: this module never imports torch) as our generator's parameters
+    (``{"decoder": ...}``), so both sides run the very same network (and greedy decoding can
+    be compared token by token)."""
+    config = setup.decoder
+    family = families.decoder_family(config)
+    tensors = {k: v.detach().cpu().numpy() for k, v in torch_model.state_dict().items()}
+    expected = hf.abstract_params(family.module_cls(config), config)
+    tree = hf.convert_to_flax(family.hf, config, tensors, expected, "reference")
+    return {"decoder": jax.tree.map(jnp.asarray, tree)}
+
+
+def device_peak_bytes() -> int | None:
+    """The first device's peak allocation so far, where its backend reports one."""
+    stats = jax.devices()[0].memory_stats()
+    return stats.get("peak_bytes_in_use") if stats else None
+
+
 class TrainStep:
     """``research.train.steps.make_train_step`` (loss, gradients, clipped AdamW) on one device.
 
@@ -70,20 +93,6 @@ class TrainStep:
     def __call__(self) -> float:
         self.state, metrics = self.step(self.state, self.batch, self.key)
         return float(metrics["loss"][0])
-
-
-def lm_batch(setup: Setup, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Random decoder tokens ``[batch, seq]``, no padding."""
-    ids = rng.integers(0, setup.decoder.vocab_size, (setup.batch, setup.seq), dtype=np.int32)
-    return {"decoder_ids": ids, "decoder_mask": np.ones_like(ids)}
-
-
-def conditioned_batch(setup: Setup, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """:func:`lm_batch` plus random encoder tokens ``[batch, encoder_seq]``."""
-    enc = rng.integers(
-        0, setup.encoder.vocab_size, (setup.batch, setup.encoder_seq), dtype=np.int32
-    )
-    return lm_batch(setup, rng) | {"encoder_ids": enc, "encoder_mask": np.ones_like(enc)}
 
 
 def greedy(model: Generator, params: dict[str, Any], prompt_ids: np.ndarray, new_tokens: int):

@@ -3,6 +3,10 @@
 Same shapes, same dtype policy as ours (float32; on a GPU bfloat16 autocast over float32
 weights), same step: next-token cross-entropy, backward, global-norm clipping at 1.0, then
 ``torch.optim.AdamW`` with weight decay 0.01 on matrices only (as ``research.train.optim``).
+
+Imports no JAX (nor the project's models, which need it): what this side reads of a
+benchmark ``Setup`` is a :class:`ReferenceSetup` of plain data, so a ``reference`` child
+process measures PyTorch's memory alone.
 """
 
 from __future__ import annotations
@@ -11,67 +15,80 @@ import contextlib
 import dataclasses
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import torch
 import transformers
 
-from research.bench.common import Setup
-from research.models import families, hf
+
+@dataclasses.dataclass(frozen=True)
+class ReferenceSetup:
+    """The shapes and settings of a benchmark ``Setup`` (research/bench/common.py) that the
+    reference reads, the models as their ``config.json`` dicts; JSON in, JSON out."""
+
+    decoder: dict[str, Any]  # the decoder config's to_hf_dict()
+    encoder: dict[str, Any]  # the encoder config's to_hf_dict()
+    dtype: str
+    batch: int
+    seq: int
+    prompt: int
+    new_tokens: int
+    memory_steps: int
+
+    @classmethod
+    def of(cls, setup: Any) -> ReferenceSetup:
+        return cls(
+            setup.decoder.to_hf_dict(),
+            setup.encoder.to_hf_dict(),
+            setup.dtype,
+            setup.batch,
+            setup.seq,
+            setup.prompt,
+            setup.new_tokens,
+            setup.memory_steps,
+        )
 
 
-def device_for(setup: Setup) -> str | None:
-    """Where the reference runs: the CPU for CPU setups, CUDA on a GPU (None when this
-    torch build has no CUDA, so there is nothing to compare against)."""
-    if jax.devices()[0].platform != "gpu":
+def device_for(platform: str) -> str | None:
+    """Where the reference runs when ours runs on a JAX ``platform``: the CPU next to the
+    CPU, CUDA next to a GPU (None when this torch build has no CUDA: nothing to compare)."""
+    if platform != "gpu":
         return "cpu"
     return "cuda" if torch.cuda.is_available() else None
 
 
-def _autocast(setup: Setup, device: str):
+def _autocast(setup: ReferenceSetup, device: str):
     if setup.dtype == "bfloat16":
         return torch.autocast(device_type=device, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
-def lm_model(setup: Setup, seed: int = 0) -> transformers.PreTrainedModel:
+def lm_model(setup: ReferenceSetup, seed: int = 0) -> transformers.PreTrainedModel:
     """transformers' causal LM of ``setup.decoder`` (``GPT2LMHeadModel``,
     ``LlamaForCausalLM``, ...) with Hugging Face's random initialisation."""
     torch.manual_seed(seed)
-    config = transformers.AutoConfig.for_model(**setup.decoder.to_hf_dict())
+    config = transformers.AutoConfig.for_model(**setup.decoder)
     return transformers.AutoModelForCausalLM.from_config(config)
 
 
-def conditioned_model(setup: Setup, seed: int = 0) -> transformers.EncoderDecoderModel:
+def conditioned_model(setup: ReferenceSetup, seed: int = 0) -> transformers.EncoderDecoderModel:
     """``EncoderDecoderModel``: ``BertModel`` encoder + ``GPT2LMHeadModel`` decoder with
     ``add_cross_attention=True`` (Hugging Face projects the encoder states to the decoder's
     width once, then every block's cross-attention reads them)."""
     torch.manual_seed(seed)
-    encoder = transformers.BertModel(transformers.BertConfig(**dataclasses.asdict(setup.encoder)))
-    decoder_config = transformers.GPT2Config(
-        **dataclasses.asdict(setup.decoder), add_cross_attention=True, is_decoder=True
+    encoder = transformers.BertModel(transformers.AutoConfig.for_model(**setup.encoder))
+    decoder_config = transformers.AutoConfig.for_model(
+        **setup.decoder, add_cross_attention=True, is_decoder=True
     )
     decoder = transformers.GPT2LMHeadModel(decoder_config)
     return transformers.EncoderDecoderModel(encoder=encoder, decoder=decoder)
 
 
-def as_flax_params(model: transformers.PreTrainedModel, setup: Setup) -> dict[str, Any]:
-    """The reference decoder's weights as our generator's parameters (``{"decoder": ...}``),
-    so both sides run the very same network (and greedy decoding can be compared token by
-    token)."""
-    config = setup.decoder
-    family = families.decoder_family(config)
-    tensors = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
-    expected = hf.abstract_params(family.module_cls(config), config)
-    tree = hf.convert_to_flax(family.hf, config, tensors, expected, "reference")
-    return {"decoder": jax.tree.map(jnp.asarray, tree)}
-
-
 class TrainStep:
     """One training step of a transformers model; ``__call__`` returns the loss (a float)."""
 
-    def __init__(self, model: torch.nn.Module, batch: dict[str, np.ndarray], setup: Setup, device):
+    def __init__(
+        self, model: torch.nn.Module, batch: dict[str, np.ndarray], setup: ReferenceSetup, device
+    ):
         self.model = model.to(device).train()
         self.setup, self.device = setup, device
         decay = [p for p in model.parameters() if p.ndim >= 2]
@@ -109,7 +126,11 @@ class TrainStep:
 
 
 def greedy(
-    model: transformers.PreTrainedModel, prompt_ids: np.ndarray, new_tokens: int, setup, device
+    model: transformers.PreTrainedModel,
+    prompt_ids: np.ndarray,
+    new_tokens: int,
+    setup: ReferenceSetup,
+    device: str,
 ):
     """A function running ``model.generate`` (greedy, its KV cache) -> new tokens
     ``[rows, new_tokens]`` as numpy; ``min_new_tokens`` makes every row produce all of them."""
@@ -125,7 +146,7 @@ def greedy(
                 do_sample=False,
                 max_new_tokens=new_tokens,
                 min_new_tokens=new_tokens,
-                pad_token_id=setup.decoder.eos_token_id,
+                pad_token_id=setup.decoder["eos_token_id"],
             )
         return out[:, ids.shape[1] :].cpu().numpy()
 

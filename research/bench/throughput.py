@@ -323,8 +323,8 @@ def measure_warm_compile(run) -> list[dict[str, Any]]:
             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
         }
         with _environment(**env):
-            cold = _run_children([("ours", ("train",))], run.setup.name)["ours", "train"]
-            warm = _run_children([("ours", ("train",))], run.setup.name)["ours", "train"]
+            cold = _run_children([("ours", ("train",))], {"ours": run.setup.name})["ours", "train"]
+            warm = _run_children([("ours", ("train",))], {"ours": run.setup.name})["ours", "train"]
     return [
         {
             "measurement": "compile",
