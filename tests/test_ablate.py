@@ -7,6 +7,8 @@ first, then the other, so the tables must hold cells of both runs.
 from __future__ import annotations
 
 import csv
+import dataclasses
+import importlib.util
 import json
 from pathlib import Path
 
@@ -301,3 +303,49 @@ def test_generate_for_one_text_prints_the_mf_rating_of_the_prompt_tables(ablatio
     expected = np.clip(run.dataset.rating_mean + user @ item, *run.dataset.rating_range)
     assert rating == pytest.approx(expected, abs=0.006)  # printed with two decimals
     assert rating == pytest.approx(first["predicted_rating"], abs=0.006)  # same pair as scored
+
+
+def test_shuffled_conditioning_changes_what_reads_it_and_nothing_else(ablation: Path):
+    """experiments/shuffled_conditioning.py: each example gets another's ids and encoder input
+    (and keeps its target); ``none`` reads neither for text, so its perplexity is unchanged,
+    while its MF head and the id_prompt decoder read the ids and score differently."""
+    path = Path(__file__).parents[1] / "experiments" / "shuffled_conditioning.py"
+    spec = importlib.util.spec_from_file_location("shuffled_conditioning", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+
+    run = load_run(ablation / "id_prompt" / "seed0")
+    donors = script.derangement(len(run.dataset.splits["test"]), 0)
+    assert not np.any(donors == np.arange(len(donors)))
+    shuffled = dataclasses.replace(run, conditioning_of={"test": donors})
+
+    def by_example(batches) -> dict[int, dict]:
+        """Each real row of ``batches`` as its own dict, masks applied to the encoder ids."""
+        rows = {}
+        for b in batches:
+            for i in np.flatnonzero(b["example"] >= 0):
+                ids = b["encoder_ids"][i][b["encoder_mask"][i] == 1]
+                rows[int(b["example"][i])] = {**{k: b[k][i] for k in b}, "encoder_ids": ids}
+        return rows
+
+    own, got = by_example(run.batches("test", 4)), by_example(shuffled.batches("test", 4))
+    assert sorted(got) == sorted(own)
+    for example, row in got.items():
+        donor = own[int(donors[example])]
+        for key in ("decoder_ids", "rating"):
+            np.testing.assert_array_equal(row[key], own[example][key])
+        for key in ("user", "item", "encoder_ids"):
+            np.testing.assert_array_equal(row[key], donor[key])
+
+    none = script.shuffled_conditioning(str(ablation / "none" / "seed0"), 1)
+    assert none["shuffled"][0]["perplexity"] == none["as_is"]["perplexity"]
+    assert none["shuffled"][0]["rmse"] != pytest.approx(none["as_is"]["rmse"], abs=1e-6)
+    metrics = json.loads(
+        (ablation / "none" / "seed0" / "eval" / "test" / "metrics.json").read_text()
+    )
+    assert none["as_is"]["perplexity"] == pytest.approx(metrics["perplexity"], rel=1e-9)
+    assert none["as_is"]["rmse"] == pytest.approx(metrics["rmse"], abs=1e-9)
+    id_prompt = script.shuffled_conditioning(str(ablation / "id_prompt" / "seed0"), 1)
+    assert id_prompt["shuffled"][0]["perplexity"] != pytest.approx(
+        id_prompt["as_is"]["perplexity"], rel=1e-6
+    )

@@ -26,6 +26,7 @@ import numpy as np
 
 from research import compilation_cache
 from research.config import apply_override, from_json_dict, validate
+from research.data.batching import make_batch
 from research.data.pipeline import Dataset, load_dataset_logged
 from research.eval.metrics import output_shape_metrics, text_metrics
 from research.eval.pepler_compat import rating_errors
@@ -46,6 +47,9 @@ from research.train.run_log import (
 )
 from research.train.steps import make_eval_step, replicate, shard
 
+# What a batch carries about whom and what the review is for (not the targets).
+CONDITIONING_INPUTS = ("user", "item", "encoder_ids", "encoder_mask", "encoder_states")
+
 
 @dataclasses.dataclass
 class LoadedRun:
@@ -55,12 +59,29 @@ class LoadedRun:
     params: dict[str, Any]
     step: int
     features: feature_cache.FeatureCache | None = None  # a frozen encoder's, computed once
+    # Per split, int [len(split)]: example i reads the conditioning inputs (user, item, encoder
+    # input or features) of example conditioning_of[i]; targets and ratings stay its own. For
+    # counterfactual checks (experiments/shuffled_conditioning.py); empty: every example its own.
+    conditioning_of: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
     def batches(self, split: str, batch_size: int, examples=None) -> Iterator[dict]:
         """Evaluation batches of ``split`` (or of its ``examples``), with the encoder's cached
-        features when it has them."""
+        features when it has them, and the conditioning of ``conditioning_of[split]``."""
         for batch in self.dataset.eval_iterator(split, batch_size, examples=examples):
-            yield self.features.attach(batch, split) if self.features else batch
+            batch = self.features.attach(batch, split) if self.features else batch
+            if split in self.conditioning_of:
+                batch = {**batch, **self._conditioning(split, batch["example"])}
+            yield batch
+
+    def _conditioning(self, split: str, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """The conditioning inputs of the examples ``conditioning_of[split]`` gives ``rows``."""
+        donors = np.where(rows >= 0, self.conditioning_of[split][np.maximum(rows, 0)], -1)
+        data = self.dataset
+        batch = make_batch(
+            data.splits[split], donors, slice(None), data.target_buckets, data.encoder_buckets
+        )
+        batch = self.features.attach(batch, split) if self.features else batch
+        return {k: v for k, v in batch.items() if k in CONDITIONING_INPUTS}
 
 
 def run_config(workdir: str | Path, overrides: Iterable[tuple[str, str]] = ()):
