@@ -213,6 +213,10 @@ def test_samples_page_shows_each_method_of_seed0_for_the_same_drawn_examples(
         path = ablation / cell / f"seed{seed}" / "eval" / "test" / "samples.jsonl"
         return {row["example"]: row for row in map(json.loads, path.read_text().splitlines())}
 
+    # Earlier tests in this module rerun the grid, which rewrites results.csv in their order.
+    with (ablation / "results.csv").open() as f:
+        csv_order = list(dict.fromkeys(row["cell"] for row in csv.DictReader(f)))
+    assert sorted(csv_order) == sorted(CELLS)
     out = tmp_path / "samples.md"
     argv = ["samples", "--workdir", str(ablation), "--n", "4", "--out", str(out)]
     assert cli.main(argv) == 0
@@ -227,7 +231,7 @@ def test_samples_page_shows_each_method_of_seed0_for_the_same_drawn_examples(
         assert f"user `{row['user']}`, item `{row['item']}`" in section.splitlines()[0]
         table = [line[2:-2].split(" | ", 1) for line in section.splitlines()[4:]]
         texts = {name: text.replace("\\|", "|") for name, text in table}
-        assert list(texts) == ["reference", *CELLS[::-1]]  # results.csv's order, as results.md
+        assert list(texts) == ["reference", *csv_order]  # results.csv's order, as results.md
         expected = {c: generated(c, 0)[example]["generated"] for c in CELLS}
         for name, text in {"reference": row["reference"], **expected}.items():
             assert texts[name] == (" ".join(text.split()) or "(empty)"), name
