@@ -227,7 +227,7 @@ def test_four_devices_equal_one():
         "run with XLA_FLAGS=--xla_force_host_platform_device_count=4"
     )
     model, params = tiny_generator("cross_attention")
-    batches = split_batches(conditioning_batch(11), 4)
+    batches = split_batches(conditioning_batch(ENCODER.vocab_size, 11), 4)
     cfg = sampling.SamplingConfig(strategy="sample", max_new_tokens=6, batch_size=4, top_p=0.9)
     many = list(sampling.generate_batches(model, params, batches, cfg))
     one = list(sampling.generate_batches(model, params, batches, cfg, devices=jax.devices()[:1]))
@@ -237,7 +237,7 @@ def test_four_devices_equal_one():
 
 def test_sampling_is_deterministic_per_seed_and_top_k_1_is_greedy():
     model, params = tiny_generator("id_prompt")
-    batch = conditioning_batch(8)
+    batch = conditioning_batch(ENCODER.vocab_size, 8)
 
     def run(**settings):
         cfg = sampling.SamplingConfig(max_new_tokens=8, batch_size=8, **settings)
@@ -253,7 +253,7 @@ def test_beam_rows_are_independent_under_every_conditioning():
     """Beam search repeats each row's prefix, offset and encoder keys/values over its beams and
     reorders the cache per row: a row decoded with others equals that row decoded alone."""
     model, params = tiny_generator("prefix+cross_attention+additive+id_prompt")
-    batch = conditioning_batch(3)
+    batch = conditioning_batch(ENCODER.vocab_size, 3)
     # This random model repeats one token; banning repeats makes the beams differ.
     cfg = sampling.SamplingConfig(
         strategy="beam", num_beams=3, max_new_tokens=6, batch_size=4, no_repeat_ngram_size=1
