@@ -49,6 +49,15 @@ EXPECTED_ROWS = {
     ("train_frozen_encoder", "prefix, 4 x (16 encoder + 16) tokens"),
     ("train_frozen_encoder", "cross_attention, 4 x (16 encoder + 16) tokens"),
     ("loop_overhead", "train() vs its bare step, 8 x GPT-2 1x64"),
+    *(
+        (measurement, f"{shape}: {case}")
+        for shape in ("gpt2_large", "llama_1b")
+        for measurement, case in (
+            ("memory_lora", "LoRA r8 / full fine-tuning (ours)"),
+            ("memory_lora", "LoRA r8, ours / PyTorch + PEFT"),
+            ("train_lora", "LoRA r8, bfloat16 base, 2 x 16 tokens"),
+        )
+    ),
 }
 
 

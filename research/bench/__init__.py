@@ -17,6 +17,9 @@ Measurements (``--only NAME``, repeatable):
   sampler, each in a fresh process (nothing cached), next to PyTorch's first call.
 * ``memory``: peak resident memory of a process that trains (first step and a few more),
   ours and PyTorch's, each in a fresh process.
+* ``memory_lora``, ``train_lora``: LoRA rank 8 on a bfloat16 frozen base, GPT-2 large's and a
+  1B Llama's shapes: peak memory against full fine-tuning and against PyTorch + PEFT, tokens/s
+  against PyTorch + PEFT: :mod:`.lora`.
 * ``train_frozen_encoder`` (a frozen encoder read from its feature cache vs PEPLER-style
   PyTorch encoding every step), ``loop_overhead`` (``train()`` vs its bare step) and
   ``compile``'s warm-cache case: :mod:`.throughput`.

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from research.bench import ours, reference, throughput
+from research.bench import lora, ours, reference, throughput
 from research.bench.batches import conditioned_batch, lm_batch
 from research.bench.common import (
     Setup,
@@ -35,6 +35,8 @@ MEASUREMENTS = (
     "memory",
     "train_llama",
     "generate_llama",
+    "memory_lora",
+    "train_lora",
 )
 
 
@@ -353,6 +355,8 @@ MEASURE: dict[str, Callable[[Run], list[dict[str, Any]]]] = {
     "memory": measure_memory,
     "train_llama": lambda run: measure_train_lm(run, "train_llama", _with_llama(run)),
     "generate_llama": lambda run: measure_generate(run, "generate_llama", _with_llama(run)),
+    "memory_lora": lora.measure_memory_lora,
+    "train_lora": lora.measure_train_lora,
 }
 
 

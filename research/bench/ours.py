@@ -14,7 +14,13 @@ import optax
 from research import sampling
 from research.bench.common import Setup
 from research.models import families, hf
-from research.models.generator import GROUPS, Generator, GeneratorSpec, init_generator
+from research.models.generator import (
+    GROUPS,
+    Generator,
+    GeneratorSpec,
+    init_generator,
+    param_group,
+)
 from research.train.optim import make_optimizer, trainable_labels
 from research.train.steps import init_state, make_train_step, replicate, shard
 
@@ -34,22 +40,27 @@ def conditioned_model(setup: Setup) -> Generator:
     return Generator(spec, setup.jnp_dtype, setup.attention_impl)
 
 
-def random_params(model: Generator, seed: int = 0) -> dict[str, Any]:
+def random_params(model: Generator, seed: int = 0, base_dtype: Any = None) -> dict[str, Any]:
     """GPT-2-style random weights: matrices ~ N(0, 0.02), LayerNorm scales 1, biases 0.
 
     Drawn by numpy into the shapes ``init_generator`` gives: compiling the initialisers
-    would take longer than the measurement they serve.
+    would take longer than the measurement they serve. ``base_dtype``: the decoder/encoder
+    weights (not LoRA adapters) in that dtype, each cast as it is drawn (a frozen base).
     """
     shapes = jax.eval_shape(lambda key: init_generator(model, key), jax.random.key(seed))
     rng = np.random.default_rng(seed)
 
     def draw(path, leaf):
         name = getattr(path[-1], "key", "")
+        keys = tuple(getattr(k, "key", k) for k in path)
+        dtype = leaf.dtype
+        if base_dtype is not None and param_group(keys) in ("decoder", "encoder"):
+            dtype = base_dtype
         if name == "scale":
-            return np.ones(leaf.shape, leaf.dtype)
-        if name == "bias":
-            return np.zeros(leaf.shape, leaf.dtype)
-        return (0.02 * rng.standard_normal(leaf.shape, np.float32)).astype(leaf.dtype)
+            return np.ones(leaf.shape, dtype)
+        if name in ("bias", "lora_b"):  # B = 0: step 0 is the base model
+            return np.zeros(leaf.shape, dtype)
+        return (0.02 * rng.standard_normal(leaf.shape, np.float32)).astype(dtype)
 
     return jax.tree_util.tree_map_with_path(draw, shapes)
 
@@ -76,14 +87,20 @@ def device_peak_bytes() -> int | None:
 class TrainStep:
     """``research.train.steps.make_train_step`` (loss, gradients, clipped AdamW) on one device.
 
-    Every group trains, the learning rate is constant; ``__call__`` runs one step on the same
+    The ``trainable`` groups train (default: all), the learning rate is constant; ``__call__`` runs one step on the same
     batch and returns the loss as a Python float (which waits for the step to finish).
     """
 
-    def __init__(self, model: Generator, params: dict[str, Any], batch: dict[str, np.ndarray]):
+    def __init__(
+        self,
+        model: Generator,
+        params: dict[str, Any],
+        batch: dict[str, np.ndarray],
+        trainable: tuple[str, ...] = GROUPS,
+    ):
         schedule = optax.constant_schedule(1e-4)
-        tx = make_optimizer(params, GROUPS, schedule)
-        self.step = make_train_step(model, tx, trainable_labels(params, GROUPS), schedule)
+        tx = make_optimizer(params, trainable, schedule)
+        self.step = make_train_step(model, tx, trainable_labels(params, trainable), schedule)
         # Laid out as the training loop lays them out: [devices, ...] state and key, batches
         # [devices, accum, rows, ...] (the batch goes in as host arrays, as the loop's do).
         self.state = replicate(init_state(params, tx), 1)

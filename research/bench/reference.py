@@ -70,6 +70,25 @@ def lm_model(setup: ReferenceSetup, seed: int = 0) -> transformers.PreTrainedMod
     return transformers.AutoModelForCausalLM.from_config(config)
 
 
+def peft_lm(
+    decoder: dict[str, Any], lora: Any, targets: list[str], conv1d: bool
+) -> torch.nn.Module:
+    """PEFT's LoRA (``lora``'s rank, alpha, dropout on the ``targets`` modules) on transformers'
+    causal LM of ``decoder`` (its ``config.json`` dict), the base created in bfloat16 (as
+    ``from_pretrained`` with ``torch_dtype=torch.bfloat16`` loads one); ``get_peft_model``
+    keeps the adapters float32."""
+    import peft
+
+    torch.manual_seed(0)
+    config = transformers.AutoConfig.for_model(**decoder)
+    model = transformers.AutoModelForCausalLM.from_config(config, torch_dtype=torch.bfloat16)
+    settings = peft.LoraConfig(
+        r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
+        fan_in_fan_out=conv1d, bias="none", task_type="CAUSAL_LM",
+    )  # fmt: skip
+    return peft.get_peft_model(model, settings)
+
+
 def conditioned_model(setup: ReferenceSetup, seed: int = 0) -> transformers.EncoderDecoderModel:
     """``EncoderDecoderModel``: ``BertModel`` encoder + ``GPT2LMHeadModel`` decoder with
     ``add_cross_attention=True`` (Hugging Face projects the encoder states to the decoder's
@@ -91,8 +110,10 @@ class TrainStep:
     ):
         self.model = model.to(device).train()
         self.setup, self.device = setup, device
-        decay = [p for p in model.parameters() if p.ndim >= 2]
-        rest = [p for p in model.parameters() if p.ndim < 2]
+        trained = [p for p in model.parameters() if p.requires_grad]  # PEFT freezes the base
+        decay = [p for p in trained if p.ndim >= 2]
+        rest = [p for p in trained if p.ndim < 2]
+        self.trained = trained
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": 0.01}, {"params": rest, "weight_decay": 0.0}],
             lr=1e-4,
@@ -119,7 +140,7 @@ class TrainStep:
             logits[:, :-1].float().reshape(-1, logits.shape[-1]), self.targets
         )
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(self.trained, 1.0)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss.item()

@@ -26,6 +26,11 @@ def target_for(
         return "< 3 s", lambda r: r["ours"] < 3.0
     if setup in ("cpu", "gpu") and measurement == "compile":
         return "< 10 s", lambda r: r["ours"] < 10.0
+    if setup in ("cpu", "gpu") and measurement == "memory_lora":
+        most = 0.35 if "full fine-tuning" in case else 1.0
+        return f"<= {most:g}x", lambda r: r["ratio"] is not None and r["ratio"] <= most
+    if setup in ("cpu", "gpu") and measurement == "train_lora":
+        return ">= 1x", lambda r: r["ratio"] is not None and r["ratio"] >= 1.0
     if setup == "gpu" and measurement == "train_lm":
         return "MFU >= 40%", lambda r: r["mfu"]["ours"] >= 0.40
     return None
