@@ -23,7 +23,7 @@ import pytest
 import torch
 import transformers
 
-from research.bench import MEASUREMENTS, markdown_table, ours, run_bench, target_for
+from research.bench import MEASUREMENTS, lora, markdown_table, ours, run_bench, target_for
 from research.bench.batches import lm_batch
 from research.bench.common import (
     card_peak_flops,
@@ -139,6 +139,13 @@ def test_smoke_compile_memory_and_mfu_fields(smoke):
         assert 100 < memory[side] < 64 * 1024  # MiB
     assert memory["frameworks"]["ours"] == ["jax"]  # each framework alone: no torch in ours
     assert memory["frameworks"]["reference"] == ["torch"]  # and no JAX in the reference
+    for row in (r for r in written if r["measurement"] == "memory_lora"):
+        frameworks = {name: child["frameworks"] for name, child in row["children"].items()}
+        assert frameworks == {
+            "ours_lora": ["jax"],
+            "ours_full": ["jax"],
+            "reference_lora": ["torch"],
+        }
     for name in ("train_lm", "train_conditioned"):
         row = next(r for r in written if r["measurement"] == name)
         assert row["peak_flops"] > 1e9 and row["peak_source"] == "measured matmul"
@@ -153,6 +160,7 @@ def test_smoke_compile_memory_and_mfu_fields(smoke):
     [
         ("research.bench.__main__, research.bench.reference", ["torch"]),
         ("research.bench.__main__, research.bench.ours, research.bench.common", ["jax"]),
+        ("research.bench.__main__, research.bench.lora", ["jax"]),  # an ours memory_lora child
     ],
 )
 def test_each_side_imports_only_its_own_framework(modules, loaded):
@@ -231,3 +239,20 @@ def test_targets_and_card_peaks():
     assert card_peak_flops("NVIDIA H100 PCIe") == 756e12
     assert card_peak_flops("NVIDIA H200") == 989e12
     assert card_peak_flops("Tesla T4") is None
+
+
+def test_lora_memory_needs_count_gpt2_large_parameters():
+    """GPT-2 large has 774,030,080 parameters (wte 50257 x 1280, wpe 1024 x 1280, 36 blocks of
+    19,677,440, ln_f); LoRA r8 on c_attn (1280 -> 3840) and attn c_proj (1280 -> 1280) adds
+    8 x (1280 + 3840 + 1280 + 1280) per block. Full fine-tuning keeps 16 bytes per parameter,
+    LoRA 2 per bfloat16 base weight and 16 per adapter weight."""
+    setup = make_setup("cpu")
+    shape = lora.lora_shape(setup, "gpt2_large")
+    base, adapters = 774_030_080, 36 * 8 * (1280 + 3840 + 1280 + 1280)
+    assert lora.needed_bytes(setup, shape, "full") == 16 * base
+    assert lora.needed_bytes(setup, shape, "lora") == 2 * base + 16 * adapters
+    twenty = lora.needed_bytes(setup, lora.lora_shape(setup, "gpt2_large", 20), "full")
+    assert lora.fitting_layers(setup, shape, twenty) == 20
+    assert lora.fitting_layers(setup, shape, twenty - 1) == 19
+    assert lora.fitting_layers(setup, shape, 10**15) == 36
+    assert lora.fitting_layers(setup, shape, 10**6) is None

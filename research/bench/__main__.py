@@ -1,4 +1,4 @@
-"""Fresh-process halves of ``compile`` and ``memory``.
+"""Fresh-process halves of ``compile``, ``memory`` and ``memory_lora``.
 
 ``python -m research.bench child SIDE JOBS SETUP``: SIDE is ``ours`` or ``reference``; JOBS
 is ``train``, ``generate`` or both (``train,generate``, in that order). ``train`` trains GPT-2
@@ -9,6 +9,10 @@ starts: nothing compiled or cached yet. SETUP is the setup's name for ``ours``; 
 (research/bench/reference.py), which needs no JAX to read. Each side imports only its own
 framework (an ``ours`` child no torch, a ``reference`` child no JAX), so each memory figure
 is one framework's alone; the ``train`` job says which frameworks its process loaded.
+
+``python -m research.bench lora SIDE SPEC`` trains as ``train`` does, one ``memory_lora``
+case (research/bench/lora.py): SPEC is JSON, for ``ours`` ``{"setup", "shape", "mode"}``
+(names), for ``reference`` ``lora.reference_spec``'s plain data and ``"device"``.
 """
 
 from __future__ import annotations
@@ -55,6 +59,46 @@ def _first_and_next(fn: Callable[[], Any], steps: int, shapes: dict[str, Any]) -
     }
 
 
+def _trained(side: str, fn: Callable[[], Any], steps: int, shapes: dict) -> dict[str, Any]:
+    """Train (the first step, then ``steps`` more), then the process's peak memory."""
+    result = _first_and_next(fn, steps, shapes)
+    result["peak_rss_mib"] = _peak_rss_mib()
+    # What the peak covers: which frameworks this process loaded.
+    result["frameworks"] = [name for name in ("jax", "torch") if name in sys.modules]
+    if side == "ours":
+        from research.bench import ours
+
+        peak_bytes = ours.device_peak_bytes()
+        if peak_bytes is not None:
+            result["device_peak_bytes"] = peak_bytes
+    return result
+
+
+def lora_child(side: str, spec_arg: str) -> dict[str, Any]:
+    """One ``memory_lora`` case in this fresh process: its train step, then the peak."""
+    spec = json.loads(spec_arg)
+    if side == "ours":
+        from research.bench import lora
+        from research.bench.common import make_setup
+
+        setup = make_setup(spec["setup"])
+        shape = lora.lora_shape(setup, spec["shape"], spec.get("layers"))
+        fn: Callable[[], Any] = lora.ours_step(setup, shape, spec["mode"])
+        steps, batch, seq = setup.memory_steps, shape.batch, shape.seq
+    else:
+        import transformers
+
+        from research.bench import reference
+
+        transformers.logging.set_verbosity_error()
+        ref = reference.ReferenceSetup(**spec["setup"])
+        model = reference.peft_lm(ref.decoder, spec["adapters"])
+        inputs = lm_batch(np.random.default_rng(0), ref.batch, ref.seq, ref.decoder["vocab_size"])
+        fn = reference.TrainStep(model, inputs, ref, spec["device"])
+        steps, batch, seq = ref.memory_steps, ref.batch, ref.seq
+    return _trained(side, fn, steps, {"batch": batch, "seq": seq})
+
+
 def child(side: str, job: str, setup_arg: str) -> dict[str, Any]:
     """``train``: the first step, a few more, then the peak memory; ``generate``: two greedy
     decodings of one prompt. Each job runs in its own fresh process."""
@@ -81,14 +125,7 @@ def child(side: str, job: str, setup_arg: str) -> dict[str, Any]:
             fn: Callable[[], Any] = ours.TrainStep(model, ours.random_params(model), batch)
         else:
             fn = reference.TrainStep(reference.lm_model(setup), batch, setup, device)
-        result = _first_and_next(fn, setup.memory_steps, {"batch": setup.batch, "seq": setup.seq})
-        result["peak_rss_mib"] = _peak_rss_mib()
-        # What the peak covers: which frameworks this process loaded.
-        result["frameworks"] = [name for name in ("jax", "torch") if name in sys.modules]
-        peak_bytes = ours.device_peak_bytes() if side == "ours" else None
-        if peak_bytes is not None:
-            result["device_peak_bytes"] = peak_bytes
-        return result
+        return _trained(side, fn, setup.memory_steps, {"batch": setup.batch, "seq": setup.seq})
     prompt = rng.integers(0, vocab_size - 1, (1, setup.prompt), dtype=np.int32)
     if side == "ours":
         model = ours.lm_model(setup, decoding=True)
@@ -103,11 +140,15 @@ SIDES, JOBS = ("ours", "reference"), ("train", "generate")
 
 
 def main(argv: list[str]) -> int:
+    if argv[:1] == ["lora"] and len(argv) == 3 and argv[1] in SIDES:
+        print(json.dumps(lora_child(argv[1], argv[2])))
+        return 0
     jobs = argv[2].split(",") if len(argv) == 4 else []
     if argv[:1] != ["child"] or argv[1] not in SIDES or not jobs or not set(jobs) <= set(JOBS):
         print(
             "usage: python -m research.bench child {ours,reference} JOB[,JOB] SETUP "
-            "(JOB: train or generate; SETUP: a setup name, for reference its JSON)",
+            "(JOB: train or generate; SETUP: a setup name, for reference its JSON), or "
+            "python -m research.bench lora {ours,reference} SPEC (JSON)",
             file=sys.stderr,
         )
         return 2

@@ -14,8 +14,9 @@ alpha 16, on each family's default targets (attention q/k/v/o), the frozen base 
 * ``train_lora``: tokens/s of the LoRA train step, ours against PyTorch + PEFT, taking turns
   in one process (target >= 1).
 
-The fresh processes: ``python -m research.bench.lora SIDE MODE SHAPE SETUP`` (SIDE ``ours``
-or ``reference``, MODE ``lora`` or ``full``) prints one JSON line.
+The fresh processes are ``python -m research.bench lora SIDE SPEC`` (research/bench/__main__.py).
+This module is our side's: an ``ours`` child imports it, so it imports no torch (the
+reference's steps import research/bench/reference.py when called, in the parent).
 """
 
 from __future__ import annotations
@@ -27,18 +28,23 @@ import subprocess
 import sys
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
+from research import peft_export
 from research.bench import ours
-from research.bench.common import NO_DROPOUT, Setup, make_setup
-from research.models.generator import Generator, GeneratorSpec
+from research.bench.batches import lm_batch
+from research.bench.common import NO_DROPOUT, Setup
+from research.models import families
+from research.models.generator import Generator, GeneratorSpec, init_generator, param_group
 from research.models.gpt2 import GPT2Config
 from research.models.llama_config import LlamaConfig
 from research.models.lora import LoRAConfig
 
 LORA = LoRAConfig(rank=8, alpha=16.0)
 SHAPES = ("gpt2_large", "llama_1b")
+MODES = ("lora", "full")
 
 
 def gpt2_large() -> GPT2Config:
@@ -63,19 +69,27 @@ class LoRAShape:
     seq: int
 
 
-def lora_shape(setup: Setup, name: str) -> LoRAShape:
-    """The decoder and batch of ``name`` (one of SHAPES) in ``setup``."""
+def lora_shape(setup: Setup, name: str, layers: int | None = None) -> LoRAShape:
+    """The decoder and batch of ``name`` (one of SHAPES) in ``setup``; ``layers``: only that
+    many of its layers (the deepest full fine-tuning that fits, see :func:`fitting_layers`)."""
     if setup.name == "smoke":
         decoder = setup.decoder if name == "gpt2_large" else setup.llama
-        return LoRAShape(name, decoder, setup.batch, setup.seq)
-    decoder = gpt2_large() if name == "gpt2_large" else llama_1b()
-    return LoRAShape(name, decoder, *((8, 1024) if setup.name == "gpu" else (4, 128)))
+        shape = LoRAShape(name, decoder, setup.batch, setup.seq)
+    else:
+        decoder = gpt2_large() if name == "gpt2_large" else llama_1b()
+        shape = LoRAShape(name, decoder, *((8, 1024) if setup.name == "gpu" else (2, 128)))
+    if layers is None:
+        return shape
+    depth = families.decoder_family(shape.decoder).hf.num_layers(shape.decoder)
+    if not 1 <= layers <= depth:
+        raise ValueError(f"{name}: layers={layers} must be in [1, {depth}]")
+    field = "n_layer" if isinstance(shape.decoder, GPT2Config) else "num_hidden_layers"
+    return dataclasses.replace(shape, decoder=dataclasses.replace(shape.decoder, **{field: layers}))
 
 
-def _batch(shape: LoRAShape) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(0)
-    ids = rng.integers(0, shape.decoder.vocab_size, (shape.batch, shape.seq), dtype=np.int32)
-    return {"decoder_ids": ids, "decoder_mask": np.ones_like(ids)}
+def lora_batch(shape: LoRAShape) -> dict[str, np.ndarray]:
+    """Both sides' batch: random tokens ``[batch, seq]``."""
+    return lm_batch(np.random.default_rng(0), shape.batch, shape.seq, shape.decoder.vocab_size)
 
 
 def _lora_model(setup: Setup, shape: LoRAShape) -> Generator:
@@ -88,75 +102,105 @@ def ours_step(setup: Setup, shape: LoRAShape, mode: str) -> ours.TrainStep:
     if mode == "lora":
         model = _lora_model(setup, shape)
         params = ours.random_params(model, base_dtype=jnp.bfloat16)
-        return ours.TrainStep(model, params, _batch(shape), trainable=("lora",))
+        return ours.TrainStep(model, params, lora_batch(shape), trainable=("lora",))
     model = Generator(GeneratorSpec(shape.decoder, None), setup.jnp_dtype, setup.attention_impl)
-    return ours.TrainStep(model, ours.random_params(model), _batch(shape))
+    return ours.TrainStep(model, ours.random_params(model), lora_batch(shape))
 
 
-def peft_targets(setup: Setup, shape: LoRAShape) -> tuple[list[str], bool]:
-    """The Hugging Face modules our adapters sit on, and whether they are ``Conv1D``s, from
-    the mapping ``research export --adapters`` writes (``research/peft_export.py``)."""
-    import jax
+# What training keeps per parameter, before activations: float32 weights, gradients and
+# AdamW's two moments for a trained one; a frozen base weight only itself, in bfloat16.
+TRAINED_BYTES, FROZEN_BF16_BYTES = 16, 2
 
-    from research import peft_export
-    from research.models import families
-    from research.models.generator import init_generator
+
+def needed_bytes(setup: Setup, shape: LoRAShape, mode: str) -> int:
+    """What a ``mode`` child keeps for its parameters (either side's: the same adapters on
+    the same base), before activations."""
+    if mode == "full":
+        model = Generator(GeneratorSpec(shape.decoder, None), setup.jnp_dtype)
+    else:
+        model = _lora_model(setup, shape)
+    params = jax.eval_shape(lambda: init_generator(model, jax.random.key(0)))
+    total = 0
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        trained = mode == "full" or param_group(tuple(k.key for k in path)) == "lora"
+        total += leaf.size * (TRAINED_BYTES if trained else FROZEN_BF16_BYTES)
+    return total
+
+
+def child_budget() -> int | None:
+    """Bytes a child may need: on a GPU the device's limit; on a CPU what Linux has available
+    now less a quarter of the machine (headroom for activations, compilation and the other
+    processes of a shared machine: a child that does not fit is never started, so the
+    out-of-memory killer never has to act). None: unknown (every child runs)."""
+    if jax.devices()[0].platform == "gpu":
+        stats = jax.devices()[0].memory_stats() or {}
+        return stats.get("bytes_limit")
+    try:
+        with open("/proc/meminfo") as f:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
+    except (OSError, ValueError, IndexError):
+        return None
+    return info["MemAvailable"] - info["MemTotal"] // 4
+
+
+def fitting_layers(setup: Setup, shape: LoRAShape, budget: int) -> int | None:
+    """The most layers of ``shape`` whose full fine-tuning fits ``budget`` (None: not even one;
+    the need grows linearly with depth)."""
+    one, two = (needed_bytes(setup, lora_shape(setup, shape.name, n), "full") for n in (1, 2))
+    per_layer = two - one
+    layers = (budget - (one - per_layer)) // per_layer
+    depth = families.decoder_family(shape.decoder).hf.num_layers(shape.decoder)
+    return min(int(layers), depth) if layers >= 1 else None
+
+
+def reference_spec(setup: Setup, shape: LoRAShape) -> dict[str, Any]:
+    """What the reference side builds, as plain data (JSON for its child process): the
+    ``ReferenceSetup`` of the shape and the ``peft.LoraConfig`` fields of our adapters, on
+    the Hugging Face modules ``research export --adapters`` maps them to
+    (research/peft_export.py)."""
+    from research.bench import reference
 
     model = _lora_model(setup, shape)
     params = jax.eval_shape(lambda: init_generator(model, jax.random.key(0)))
     layers = peft_export.adapted_modules(params["decoder"], shape.decoder, "decoder")
-    return [m for m, _ in layers.values()], {lay for _, lay in layers.values()} == {families.KEEP}
+    adapters = {
+        "r": LORA.rank,
+        "lora_alpha": LORA.alpha,
+        "lora_dropout": LORA.dropout,
+        "target_modules": [module for module, _ in layers.values()],
+        # Kernels kept as stored ([in, out]): GPT-2's Conv1D layers.
+        "fan_in_fan_out": {layout for _, layout in layers.values()} == {families.KEEP},
+    }
+    s = dataclasses.replace(setup, decoder=shape.decoder, batch=shape.batch, seq=shape.seq)
+    return {"setup": dataclasses.asdict(reference.ReferenceSetup.of(s)), "adapters": adapters}
 
 
 def reference_step(setup: Setup, shape: LoRAShape, device: str):
     """transformers + PEFT: the same adapters on a bfloat16 base, AdamW on the adapters."""
     from research.bench import reference
 
-    targets, conv1d = peft_targets(setup, shape)
-    s = dataclasses.replace(setup, decoder=shape.decoder, batch=shape.batch, seq=shape.seq)
-    ref = reference.ReferenceSetup.of(s)
-    model = reference.peft_lm(ref.decoder, LORA, targets, conv1d)
-    return reference.TrainStep(model, _batch(shape), ref, device)
-
-
-def child(side: str, mode: str, shape_name: str, setup: Setup) -> dict[str, Any]:
-    """One fresh process: build, train (the first step, then a few more), peak memory."""
-    from research.bench.__main__ import _first_and_next, _peak_rss_mib
-
-    shape = lora_shape(setup, shape_name)
-    if side == "reference":
-        import transformers
-
-        transformers.logging.set_verbosity_error()
-        import jax
-
-        from research.bench import reference
-
-        device = reference.device_for(jax.devices()[0].platform)
-        step = reference_step(setup, shape, device)
-    else:
-        step = ours_step(setup, shape, mode)
-    result = _first_and_next(step, setup.memory_steps, {"batch": shape.batch, "seq": shape.seq})
-    result["peak_rss_mib"] = _peak_rss_mib()
-    if side == "ours":
-        import jax
-
-        stats = jax.devices()[0].memory_stats()
-        if stats and "peak_bytes_in_use" in stats:
-            result["device_peak_bytes"] = stats["peak_bytes_in_use"]
-    return result
+    spec = reference_spec(setup, shape)
+    ref = reference.ReferenceSetup(**spec["setup"])
+    model = reference.peft_lm(ref.decoder, spec["adapters"])
+    return reference.TrainStep(model, lora_batch(shape), ref, device)
 
 
 CHILDREN = (("ours", "lora"), ("ours", "full"), ("reference", "lora"))
+GB = 1e9
 
 
-def _child_result(side: str, mode: str, shape: str, setup_name: str) -> dict[str, Any]:
+def _child_result(run, side: str, mode: str, shape: LoRAShape, layers: int | None):
+    """``python -m research.bench lora SIDE SPEC`` in a fresh process -> its JSON line."""
+    if side == "ours":
+        spec = {"setup": run.setup.name, "shape": shape.name, "mode": mode, "layers": layers}
+    else:
+        spec = reference_spec(run.setup, shape) | {"device": run.reference_device}
     env = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
-    cmd = [sys.executable, "-m", "research.bench.lora", side, mode, shape, setup_name]
+    cmd = [sys.executable, "-m", "research.bench", "lora", side, json.dumps(spec)]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if done.returncode != 0:
         raise RuntimeError(
-            f"benchmark child {' '.join(cmd[2:])} failed (exit {done.returncode}):\n"
+            f"benchmark child lora {side} {mode} {shape.name} failed (exit {done.returncode}):\n"
             + done.stderr[-3000:]
         )
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -168,38 +212,78 @@ def _memory(side: dict[str, Any]) -> float:
     return device / 2**20 if device else side["peak_rss_mib"]
 
 
+def _row(name: str, case: str, shape: LoRAShape, mine: float, theirs: float | None, **details):
+    return {
+        "measurement": "memory_lora",
+        "case": f"{name}: {case}",
+        "unit": "MiB peak",
+        "better": "lower",
+        "ours": mine,
+        "reference": theirs,
+        "ratio": mine / theirs if theirs else None,
+        "shapes": {"batch": shape.batch, "seq": shape.seq},
+        "decoder": shape.decoder.model_type,
+        "layers": families.decoder_family(shape.decoder).hf.num_layers(shape.decoder),
+        "note": "fresh process each; device peak bytes on a GPU, else peak RSS",
+        **details,
+    }
+
+
 def measure_memory_lora(run) -> list[dict[str, Any]]:
+    """Per shape: ours LoRA, ours full and PEFT's LoRA, each in a fresh process, one after
+    another (each has the machine's memory to itself). A child whose :func:`needed_bytes`
+    exceeds :func:`child_budget` is not started; when that is full fine-tuning, LoRA and full
+    are compared on the deepest prefix of the decoder whose full fine-tuning fits."""
     setup, rows = run.setup, []
+    versus_full, versus_peft = "LoRA r8 / full fine-tuning (ours)", "LoRA r8, ours / PyTorch + PEFT"
     for name in SHAPES:
-        shape = lora_shape(setup, name)
-        # One after another: each process has the machine's memory to itself.
-        got = {
-            (side, mode): _child_result(side, mode, name, setup.name)
-            for side, mode in CHILDREN
-            if side == "ours" or run.reference_device is not None
+        shape, budget = lora_shape(setup, name), child_budget()
+        needs = {mode: needed_bytes(setup, shape, mode) for mode in MODES}
+        fits = {mode: budget is None or need <= budget for mode, need in needs.items()}
+        sizes = {
+            "needed_gb": {m: n / GB for m, n in needs.items()},
+            "budget_gb": budget and budget / GB,
         }
+        if not fits["lora"]:
+            raise RuntimeError(f"memory_lora {name}: LoRA does not fit ({sizes})")
+        got = {
+            (side, mode): _child_result(run, side, mode, shape, None)
+            for side, mode in CHILDREN
+            if fits[mode] and (side == "ours" or run.reference_device is not None)
+        }
+        children = {f"{s}_{m}": r for (s, m), r in got.items()}
         mine = _memory(got["ours", "lora"])
-        for against, case in (
-            (("ours", "full"), "LoRA r8 / full fine-tuning (ours)"),
-            (("reference", "lora"), "LoRA r8, ours / PyTorch + PEFT"),
-        ):
-            theirs = _memory(got[against]) if against in got else None
-            rows.append(
-                {
-                    "measurement": "memory_lora",
-                    "case": f"{name}: {case}",
-                    "unit": "MiB peak",
-                    "better": "lower",
-                    "ours": mine,
-                    "reference": theirs,
-                    "ratio": mine / theirs if theirs else None,
-                    "shapes": {"batch": shape.batch, "seq": shape.seq},
-                    "decoder": shape.decoder.model_type,
-                    "children": {f"{s}_{m}": r for (s, m), r in got.items()},
-                    "note": "fresh process each; device peak bytes on a GPU, else peak RSS",
-                }
-            )
+        if fits["full"]:
+            full = _memory(got["ours", "full"])
+            rows.append(_row(name, versus_full, shape, mine, full, children=children, **sizes))
+        else:
+            rows.append(_row_cut(run, shape, needs["full"], budget, versus_full, sizes))
+        theirs = got.get(("reference", "lora"))
+        peft_mib = _memory(theirs) if theirs else None
+        rows.append(_row(name, versus_peft, shape, mine, peft_mib, children=children, **sizes))
     return rows
+
+
+def _row_cut(run, shape: LoRAShape, need: int, budget: int, case: str, sizes: dict) -> dict:
+    """LoRA against full fine-tuning on the deepest prefix of ``shape`` whose full
+    fine-tuning fits ``budget`` (all of it needs ``need`` bytes)."""
+    layers = fitting_layers(run.setup, shape, budget)
+    if layers is None:
+        raise RuntimeError(f"memory_lora {shape.name}: one layer's full fine-tuning does not fit")
+    cut = lora_shape(run.setup, shape.name, layers)
+    pair = {mode: _child_result(run, "ours", mode, cut, layers) for mode in MODES}
+    depth = families.decoder_family(shape.decoder).hf.num_layers(shape.decoder)
+    return _row(
+        shape.name,
+        f"{layers} of {depth} layers, {case}",
+        cut,
+        _memory(pair["lora"]),
+        _memory(pair["full"]),
+        children={f"ours_{mode}_{layers}_layers": r for mode, r in pair.items()},
+        full_does_not_fit=f"full fine-tuning of all {depth} layers does not fit (computed "
+        f"need {need / GB:.1f} GB before activations, budget {budget / GB:.1f} GB)",
+        **sizes,
+    )
 
 
 def measure_train_lora(run) -> list[dict[str, Any]]:
@@ -225,19 +309,3 @@ def measure_train_lora(run) -> list[dict[str, Any]]:
         )
         del mine, theirs  # the next shape's models need the memory
     return rows
-
-
-def main(argv: list[str]) -> int:
-    if len(argv) != 4 or (argv[0], argv[1]) not in CHILDREN or argv[2] not in SHAPES:
-        print(
-            "usage: python -m research.bench.lora {ours,reference} {lora,full} "
-            f"{{{','.join(SHAPES)}}} SETUP",
-            file=sys.stderr,
-        )
-        return 2
-    print(json.dumps(child(argv[0], argv[1], argv[2], make_setup(argv[3]))))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

@@ -70,22 +70,17 @@ def lm_model(setup: ReferenceSetup, seed: int = 0) -> transformers.PreTrainedMod
     return transformers.AutoModelForCausalLM.from_config(config)
 
 
-def peft_lm(
-    decoder: dict[str, Any], lora: Any, targets: list[str], conv1d: bool
-) -> torch.nn.Module:
-    """PEFT's LoRA (``lora``'s rank, alpha, dropout on the ``targets`` modules) on transformers'
-    causal LM of ``decoder`` (its ``config.json`` dict), the base created in bfloat16 (as
-    ``from_pretrained`` with ``torch_dtype=torch.bfloat16`` loads one); ``get_peft_model``
-    keeps the adapters float32."""
+def peft_lm(decoder: dict[str, Any], adapters: dict[str, Any]) -> torch.nn.Module:
+    """PEFT's LoRA (``adapters``: ``peft.LoraConfig`` fields, ``r``, ``lora_alpha``,
+    ``target_modules``, ...) on transformers' causal LM of ``decoder`` (its ``config.json``
+    dict), the base created in bfloat16 (as ``from_pretrained`` with ``dtype=torch.bfloat16``
+    loads one); ``get_peft_model`` keeps the adapters float32."""
     import peft
 
     torch.manual_seed(0)
     config = transformers.AutoConfig.for_model(**decoder)
-    model = transformers.AutoModelForCausalLM.from_config(config, torch_dtype=torch.bfloat16)
-    settings = peft.LoraConfig(
-        r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
-        fan_in_fan_out=conv1d, bias="none", task_type="CAUSAL_LM",
-    )  # fmt: skip
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    settings = peft.LoraConfig(**adapters, bias="none", task_type="CAUSAL_LM")
     return peft.get_peft_model(model, settings)
 
 
