@@ -18,6 +18,7 @@ import transformers
 
 from research import assets, sampling
 from research.models import hf
+from research.models.bert import BertConfig
 from research.models.conditioning import needs_encoder, parse_conditioning
 from research.models.generator import Generator, GeneratorSpec, init_generator
 
@@ -40,6 +41,15 @@ TINY_LLAMA = dict(
     num_key_value_heads=2,
     max_position_embeddings=128,
     rms_norm_eps=1e-5,
+)
+# A 1-layer BERT encoder for the conditioned generators (random_generator).
+TINY_ENCODER = BertConfig(
+    vocab_size=50,
+    hidden_size=24,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    intermediate_size=48,
+    max_position_embeddings=32,
 )
 # The three ways a GPT-2 folder stores its weights; load_pretrained must read all of them.
 GPT2_LAYOUTS = ("safetensors", "sharded", "pytorch_bin")

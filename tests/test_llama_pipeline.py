@@ -21,12 +21,12 @@ from research import cli, sampling
 from research.config import load_config
 from research.data import tokenizers
 from research.data.pipeline import cache_key, load_dataset
-from research.models.bert import BertConfig
 from research.models.build import build_generator
 from research.models.generator import GROUPS, Generator, GeneratorSpec, init_generator
 from research.train.optim import make_optimizer, trainable_labels
 from research.train.steps import init_state, make_train_step, replicate, shard
 from tests.conftest import (
+    TINY_ENCODER,
     TINY_LLAMA,
     conditioning_batch,
     generate_pair,
@@ -182,14 +182,7 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy(llama_pair, prompts):
 
 # --- Every conditioning method on a Llama decoder ------------------------------------------
 
-ENCODER = BertConfig(
-    vocab_size=50,
-    hidden_size=24,
-    num_hidden_layers=1,
-    num_attention_heads=2,
-    intermediate_size=48,
-    max_position_embeddings=32,
-)
+ENCODER = TINY_ENCODER
 # Every hook at once (offset, cross-attention, two prefixes) costs one compilation, not four.
 ALL_METHODS = "prefix+cross_attention+additive+id_prompt"
 

@@ -22,13 +22,13 @@ import transformers
 
 from research import sampling
 from research.data.tokenizers import gpt2_tokenizer
-from research.models.bert import BertConfig
 from research.models.conditioning import METHODS
 from research.models.generator import Generator
 from research.models.gpt2 import GPT2Config
 from research.sampling import runner
 from research.sampling.processors import repetition_penalized
 from tests.conftest import (
+    TINY_ENCODER,
     TINY_GPT2,
     apply_model,
     conditioning_batch,
@@ -47,14 +47,7 @@ PARITY_TOL = 1e-4  # max abs logit difference, float32 (the issue's bar)
 DECODER = GPT2Config(
     vocab_size=97, n_positions=48, n_embd=32, n_layer=2, n_head=4, bos_token_id=96, eos_token_id=96
 )
-ENCODER = BertConfig(
-    vocab_size=50,
-    hidden_size=24,
-    num_hidden_layers=1,
-    num_attention_heads=2,
-    intermediate_size=48,
-    max_position_embeddings=32,
-)
+ENCODER = TINY_ENCODER
 # Every single method, and one combination of two prefixes.
 CONDITIONINGS = tuple(METHODS) + ("prefix+id_prompt",)
 

@@ -241,12 +241,12 @@ def _jaxpr_matmul_flops(jaxpr) -> float:
             total += 2.0 * np.prod(out) * np.prod([lhs[d] for d in contract])
         # A scan runs its body `length` times; other sub-programs (jit, custom_jvp) run once.
         repeat = eqn.params.get("length", 1) if eqn.primitive.name == "scan" else 1
-        for sub in _subjaxprs(eqn.params):
+        for sub in subjaxprs(eqn.params):
             total += repeat * _jaxpr_matmul_flops(sub)
     return total
 
 
-def _subjaxprs(params: dict[str, Any]):
+def subjaxprs(params: dict[str, Any]):
     for value in params.values():
         for item in value if isinstance(value, tuple | list) else (value,):
             if hasattr(item, "eqns"):

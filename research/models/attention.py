@@ -54,7 +54,7 @@ def attend(
         )
     if k.shape[2] != q.shape[2]:  # grouped-query attention: each key/value head serves a group
         k, v = (jnp.repeat(t, q.shape[2] // t.shape[2], axis=2) for t in (k, v))
-    logits = jnp.einsum("bthd,bshd->bhts", q, k).astype(jnp.float32) * scale
+    logits = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32) * scale
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1)
     keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)

@@ -41,6 +41,7 @@ from research.models.decoder_inputs import (
 )
 from research.models.families import KEEP
 from research.models.gpt2_config import GPT2Config
+from research.models.precision import tied_logits
 
 
 def init_cache(
@@ -291,7 +292,7 @@ class GPT2LMHead(nn.Module):
             )
             new_self.append(kv)
         x = self.ln_f(x)
-        logits = self.wte.attend(x.astype(self.dtype)).astype(jnp.float32)
+        logits = tied_logits(self.wte, x, self.dtype)
         if cache is None:
             return (logits, x) if return_hidden else logits
         return logits, {"self": new_self, "cross": cross_kv}

@@ -38,6 +38,7 @@ from research.models.decoder_inputs import (
     has_cross_attention,
 )
 from research.models.llama_config import ACTIVATIONS, CONFIGS, LlamaConfig, hf_table
+from research.models.precision import tied_logits
 
 
 def rope_frequencies(config: LlamaConfig) -> np.ndarray:
@@ -315,8 +316,10 @@ class LlamaLM(nn.Module):
             )
             new_self.append(kv)
         x = self.norm(x).astype(self.dtype)
-        head = self.embed_tokens.attend if cfg.tie_word_embeddings else self.lm_head
-        logits = head(x).astype(jnp.float32)
+        if cfg.tie_word_embeddings:
+            logits = tied_logits(self.embed_tokens, x, self.dtype)
+        else:
+            logits = self.lm_head(x).astype(jnp.float32)
         if cache is None:
             return (logits, x) if return_hidden else logits
         return logits, {"self": new_self, "cross": cross_kv}
