@@ -136,10 +136,17 @@ BAD_INPUT, DIVERGED = 2, 1  # exit codes of expected errors
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command ``argv`` (default: this process's own command line, which may start the
+    process again with malloc's huge pages on: research/allocator.py)."""
+    from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("RESEARCH_DEBUG", "") not in ("", "0")
     argv = [arg for arg in argv if arg != "--debug"]
     try:
+        if from_command_line:
+            from research.allocator import restart_with_hugepages
+
+            restart_with_hugepages()  # glibc reads it at start-up only
         from research.config import split_overrides
 
         rest, overrides = split_overrides(argv)
