@@ -183,11 +183,12 @@ def valid_diff(ours, theirs, mask) -> float:
 # --- Generators with every hook, and the decoding references ---------------------------------
 
 
-def random_generator(decoder, encoder, conditioning: str) -> tuple[Generator, dict]:
+def random_generator(decoder, encoder, conditioning: str, lora=None) -> tuple[Generator, dict]:
     """A generator (5 users, 7 items) with random parameters: norm scales/weights around 1,
     the rest around 0, so zero-initialised conditioning weights (cross-attention output,
-    additive projection) really change the logits. ``init_generator`` gives the tree; numpy
-    fills it (compiling the initialisers would take longer than the tests that use it)."""
+    additive projection, LoRA's B with ``lora``, a ``LoRAConfig``) really change the logits.
+    ``init_generator`` gives the tree; numpy fills it (compiling the initialisers would take
+    longer than the tests that use it)."""
     methods = parse_conditioning(conditioning)
     spec = GeneratorSpec(
         decoder,
@@ -196,6 +197,7 @@ def random_generator(decoder, encoder, conditioning: str) -> tuple[Generator, di
         options={"prefix_length": 3, "cross_attention_every": 1},
         num_users=5,
         num_items=7,
+        lora=lora,
     )
     model = Generator(spec)
     shapes = jax.eval_shape(functools.partial(init_generator, model), jax.random.key(0))
@@ -223,10 +225,13 @@ def conditioning_batch(encoder_vocab: int, rows: int, seed: int = 0) -> dict[str
     }
 
 
-def incremental_and_full(model, params, batch, token_high: int, pad_id: int):
+def incremental_and_full(
+    model, params, batch, token_high: int, pad_id: int, weights_dtype: str = "float32"
+):
     """Three left-padded rows (lengths 8, 6, 5; padding only inside the 4-token prompt):
     ``(logits of prefill + one-token decode steps, logits of the full forward, ids, mask)``,
-    logits ``[3, 8, vocab]``, token ids drawn below ``token_high``."""
+    logits ``[3, 8, vocab]``, token ids drawn below ``token_high``. Decoding reads its weights
+    in ``weights_dtype``; the full forward reads ``params`` as they are."""
     seq, prompt_len, lengths = 8, 4, np.array([8, 6, 5])
     mask = (np.arange(seq)[None] >= seq - lengths[:, None]).astype(np.int32)
     tokens = np.random.default_rng(1).integers(0, token_high, (3, seq))
@@ -235,12 +240,13 @@ def incremental_and_full(model, params, batch, token_high: int, pad_id: int):
     conditioning = {k: v for k, v in batch.items() if k != "example"}
     prefill = jax.jit(sampling.prefill, static_argnums=(0, 5))
     step = jax.jit(sampling.decode_step, static_argnums=0)
+    weights = sampling.decoding_weights(model, params, {"weights_dtype": weights_dtype})
     logits, state = prefill(
-        model, params, conditioning, ids[:, :prompt_len], mask[:, :prompt_len], seq - prompt_len
+        model, weights, conditioning, ids[:, :prompt_len], mask[:, :prompt_len], seq - prompt_len
     )
     pieces = [logits]
     for t in range(prompt_len, seq):
-        logits, state = step(model, params, state, jnp.asarray(ids[:, t]))
+        logits, state = step(model, weights, state, jnp.asarray(ids[:, t]))
         pieces.append(logits[:, None])
     return np.concatenate(pieces, axis=1), np.asarray(full), ids, mask
 

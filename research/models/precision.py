@@ -20,11 +20,27 @@ import jax.numpy as jnp
 
 def tied_logits(embed: nn.Embed, hidden: jax.Array, dtype: Any) -> jax.Array:
     """``hidden [batch, seq, d_model]`` against the token table -> float32 logits
-    ``[batch, seq, vocab]``, the product in ``dtype``.
+    ``[batch, seq, vocab]``, the product in ``dtype`` (or the table's, if narrower: decoding
+    weights, research/models/decode_weights.py).
 
     ``nn.Embed.attend`` promotes to the table's float32 when the module has no dtype of its
     own, which would run the largest product of a bfloat16 model in float32; giving the table
     a dtype would round the looked-up embeddings (the residual stream) to bfloat16 as well.
     """
-    table = embed.embedding.astype(dtype)
-    return jnp.dot(hidden.astype(dtype), table.T).astype(jnp.float32)
+    return out_major_product(hidden, embed.embedding, dtype, dtype).astype(jnp.float32)
+
+
+def out_major_product(x: jax.Array, weight: jax.Array, compute: Any, out_dtype: Any) -> jax.Array:
+    """``x [..., in]`` times ``weight [out, in]`` (output-major, as ``torch.nn.Linear`` and the
+    token table store it) -> ``[..., out]`` in ``out_dtype``. The operands take the narrowest of
+    the input's, the weight's and the ``compute`` dtype; the sum accumulates in ``out_dtype``."""
+    operand = min((x.dtype, weight.dtype, jnp.dtype(compute)), key=lambda d: jnp.finfo(d).bits)
+    lead = x.shape[:-1]
+    x, weight = x.astype(operand), weight.astype(operand)
+    single = x.size == x.shape[-1] and operand == jnp.bfloat16
+    if single:
+        # XLA:CPU multiplies one bfloat16 row ~10x slower than two (experiments/bench/README.md).
+        x = jnp.concatenate([x.reshape(1, -1), jnp.zeros((1, x.shape[-1]), operand)])
+    dims = (((x.ndim - 1,), (1,)), ((), ()))
+    y = jax.lax.dot_general(x, weight, dims, preferred_element_type=out_dtype)
+    return y[:1].reshape(*lead, -1) if single else y

@@ -30,12 +30,17 @@ it for every batch of the same shapes.
 
 One module per job: :mod:`.settings` (``SamplingConfig``), :mod:`.steps` (prefill and single
 steps), :mod:`.processors` (logit constraints and warpers), :mod:`.search` (the greedy/sample
-and beam loops), :mod:`.runner` (batches over devices).
+and beam loops), :mod:`.runner` (batches over devices). Decoding reads the decoder's weights
+as ``research/models/decode_weights.py`` prepares them (output-major kernels in
+``sampling.weights_dtype``), once per ``generate`` call or once per loaded model
+(:func:`decoding_weights`).
 """
 
+from research.models.decode_weights import DecodeWeights
 from research.sampling.processors import constrain, repeated_ngram_mask, warp
 from research.sampling.runner import (
     Generated,
+    decoding_weights,
     generate,
     generate_batches,
     generate_for_split,
@@ -47,10 +52,12 @@ from research.sampling.steps import DecodeState, decode_step, prefill
 __all__ = [
     "SAMPLING_CHOICES",
     "DecodeState",
+    "DecodeWeights",
     "Generated",
     "SamplingConfig",
     "constrain",
     "decode_step",
+    "decoding_weights",
     "generate",
     "generate_batches",
     "generate_for_split",

@@ -13,6 +13,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from research.models import decode_weights
+from research.models.decode_weights import DecodeWeights
 from research.models.generator import Generator
 from research.progress import track
 from research.sampling.search import decode_beam, decode_one_per_row
@@ -22,7 +24,7 @@ from research.sampling.settings import SamplingConfig, as_sampling_config
 def _generate_rows(
     model: Generator,
     cfg: SamplingConfig,
-    params: dict[str, Any],
+    weights: DecodeWeights,
     rows: dict[str, jax.Array],
     seed: jax.Array,
 ) -> jax.Array:
@@ -30,7 +32,7 @@ def _generate_rows(
     # Only what conditioning reads: the reference targets (decoder_ids) stay out, so their
     # length bucket never causes a recompilation.
     batch = {k: rows[k] for k in model.spec.batch_keys if k in rows}
-    args = (model, params, cfg, batch, rows["prompt_ids"], rows["prompt_mask"], rows["example"])
+    args = (model, weights, cfg, batch, rows["prompt_ids"], rows["prompt_mask"], rows["example"])
     if cfg.strategy == "beam":
         return decode_beam(*args)  # draws nothing: the seed is unused
     return decode_one_per_row(*args, seed)
@@ -114,14 +116,30 @@ def output_lengths(tokens: np.ndarray, eos_id: int) -> np.ndarray:
     return np.where(is_eos.any(1), is_eos.argmax(1), tokens.shape[1])
 
 
+def decoding_weights(
+    model: Generator, params: dict[str, Any] | DecodeWeights, cfg: SamplingConfig | Mapping
+) -> DecodeWeights:
+    """``params`` prepared for decoding in ``sampling.weights_dtype`` (once per loaded model
+    if the caller keeps them; :func:`generate` prepares plain parameters per call)."""
+    cfg = as_sampling_config(cfg)
+    if not isinstance(params, DecodeWeights):
+        return decode_weights.prepare(params, model.spec.lora, cfg.weights_dtype)
+    if params.dtype != cfg.weights_dtype:
+        raise ValueError(
+            f"decoding weights are {params.dtype}, but sampling.weights_dtype={cfg.weights_dtype!r}"
+        )
+    return params
+
+
 class _Sharded:
-    """Model + parameters placed on the devices once, callable on one batch at a time."""
+    """Model + decoding weights placed on the devices once, callable on one batch at a time."""
 
     def __init__(self, model: Generator, params, cfg: SamplingConfig, devices):
         devices = tuple(devices) if devices is not None else tuple(jax.local_devices())
         self.fn, mesh = _compiled(model, dataclasses.replace(cfg, seed=0, batch_size=1), devices)
         self.seed = jnp.int32(cfg.seed)
-        self.params = jax.device_put(params, NamedSharding(mesh, P()))
+        weights = decoding_weights(model, params, cfg)
+        self.weights = jax.device_put(weights, NamedSharding(mesh, P()))
         self.rows_sharding = NamedSharding(mesh, P("batch"))
         # A call's rows: batch_size rounded up so that every device gets the same number.
         self.num_rows = -(-cfg.batch_size // len(devices)) * len(devices)
@@ -132,13 +150,13 @@ class _Sharded:
     def dispatch(self, chunk: Mapping[str, Any]) -> tuple[np.ndarray, jax.Array]:
         """Start decoding ``chunk`` (asynchronously) -> (its example ids, tokens on device)."""
         inputs = _device_inputs(chunk, self.keys, self.num_rows, self.bos_id, self.pad_id)
-        tokens = self.fn(self.params, jax.device_put(inputs, self.rows_sharding), self.seed)
+        tokens = self.fn(self.weights, jax.device_put(inputs, self.rows_sharding), self.seed)
         return inputs["example"], tokens
 
 
 def generate(
     model: Generator,
-    params: dict[str, Any],
+    params: dict[str, Any] | DecodeWeights,
     batch: Mapping[str, Any],
     cfg: SamplingConfig | Mapping[str, Any],
     devices: Sequence[jax.Device] | None = None,
@@ -147,6 +165,7 @@ def generate(
 
     ``batch`` holds ``example`` ``[batch]`` (-1 = padding row), the conditioning inputs and
     optionally ``prompt_ids``/``prompt_mask`` ``[batch, T]`` (left padded; default BOS).
+    ``params`` as trained, or already prepared by :func:`decoding_weights`.
     """
     cfg = as_sampling_config(cfg)
     runner = _Sharded(model, params, cfg, devices)

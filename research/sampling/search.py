@@ -5,11 +5,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Mapping
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from research.models.decode_weights import DecodeWeights
 from research.models.generator import Generator
 from research.sampling.processors import constrain, warp
 from research.sampling.settings import SamplingConfig
@@ -21,7 +22,7 @@ _NEG = -1.0e9
 
 def decode_one_per_row(
     model: Generator,
-    params: dict[str, Any],
+    weights: DecodeWeights,
     cfg: SamplingConfig,
     batch: Mapping[str, jax.Array],
     prompt_ids: jax.Array,
@@ -35,7 +36,7 @@ def decode_one_per_row(
     """
     _, eos, pad = model.spec.decoder_family.special_ids(model.spec.decoder)
     new = cfg.max_new_tokens
-    logits, state = prefill(model, params, batch, prompt_ids, prompt_mask, new)
+    logits, state = prefill(model, weights, batch, prompt_ids, prompt_mask, new)
     base_key = jax.random.key(seed)
     row_keys = jax.vmap(jax.random.fold_in, (None, 0))(base_key, jnp.maximum(example, 0))
 
@@ -59,7 +60,7 @@ def decode_one_per_row(
 
     def step(carry):
         t, tokens, finished, state = carry
-        logits, state = decode_step(model, params, state, tokens[:, t - 1])
+        logits, state = decode_step(model, weights, state, tokens[:, t - 1])
         tokens, finished = choose(logits, t, tokens, finished)
         return t + 1, tokens, finished, state
 
@@ -87,7 +88,7 @@ def _gather_beams(x: jax.Array, index: jax.Array) -> jax.Array:
 
 def decode_beam(
     model: Generator,
-    params: dict[str, Any],
+    weights: DecodeWeights,
     cfg: SamplingConfig,
     batch: Mapping[str, jax.Array],
     prompt_ids: jax.Array,
@@ -99,7 +100,7 @@ def decode_beam(
     _, eos, pad = family.special_ids(model.spec.decoder)
     beams, new, penalty = cfg.num_beams, cfg.max_new_tokens, cfg.length_penalty
     rows = prompt_ids.shape[0]
-    logits, state = prefill(model, params, batch, prompt_ids, prompt_mask, new)
+    logits, state = prefill(model, weights, batch, prompt_ids, prompt_mask, new)
     # Every beam of a row starts from the same prefill: repeat its rows instead of recomputing.
     repeat = functools.partial(jnp.repeat, repeats=beams, axis=0)
     state = DecodeState(
@@ -176,7 +177,7 @@ def decode_beam(
 
     def step(c: _Beams) -> _Beams:
         last = c.running[:, :, c.t - 1].reshape(-1)
-        logits, state = decode_step(model, params, c.state, last)
+        logits, state = decode_step(model, weights, c.state, last)
         return choose(logits, c._replace(state=state))
 
     return jax.lax.while_loop(running, step, beam_state).finished[:, 0]

@@ -8,7 +8,12 @@ from typing import Any
 
 import ml_collections
 
-SAMPLING_CHOICES: dict[str, tuple] = {"strategy": ("greedy", "sample", "beam")}
+from research.models.decode_weights import WEIGHTS_DTYPES
+
+SAMPLING_CHOICES: dict[str, tuple] = {
+    "strategy": ("greedy", "sample", "beam"),
+    "weights_dtype": tuple(WEIGHTS_DTYPES),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,13 +34,17 @@ class SamplingConfig:
     max_new_tokens: int = 20  # PEPLER decodes 20 tokens
     seed: int = 0  # sample
     batch_size: int = 64  # rows per compiled call (rounded up to a multiple of the devices)
+    # The decoder's weights while decoding (research/models/decode_weights.py): bfloat16 halves
+    # the bytes each step reads; products take bfloat16 operands and accumulate in float32.
+    weights_dtype: str = "float32"
 
     def __post_init__(self):
         def bad(key: str, rule: str) -> ValueError:
             return ValueError(f"sampling.{key}={getattr(self, key)!r}: {rule}")
 
-        if self.strategy not in SAMPLING_CHOICES["strategy"]:
-            raise bad("strategy", f"choose one of {', '.join(SAMPLING_CHOICES['strategy'])}")
+        for key, choices in SAMPLING_CHOICES.items():
+            if getattr(self, key) not in choices:
+                raise bad(key, f"choose one of {', '.join(choices)}")
         if not self.temperature > 0:
             raise bad("temperature", "must be > 0")
         if not self.repetition_penalty > 0:

@@ -9,6 +9,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from research.models import decode_weights
+from research.models.decode_weights import DecodeWeights
 from research.models.decoder_inputs import DecoderInputs
 from research.models.generator import Generator
 
@@ -28,9 +30,15 @@ jax.tree_util.register_dataclass(
 )
 
 
+def _apply(model: Generator, weights: DecodeWeights, *args, method) -> Any:
+    """``model.apply`` with the decoder computing from its decoding weights."""
+    with decode_weights.reading():
+        return model.apply({"params": weights.params}, *args, method=method)
+
+
 def prefill(
     model: Generator,
-    params: dict[str, Any],
+    weights: DecodeWeights,
     batch: Mapping[str, jax.Array],
     prompt_ids: jax.Array,
     prompt_mask: jax.Array,
@@ -39,6 +47,7 @@ def prefill(
     """Condition on ``batch`` and run the prompt through the decoder once.
 
     Args:
+      weights: the generator's parameters prepared by ``decode_weights.prepare``.
       batch: what the conditioning reads (``encoder_ids``/``encoder_mask`` ``[batch, S]``,
         ``user``/``item`` ``[batch]``).
       prompt_ids, prompt_mask: ``[batch, T]``, left padded (every row ends at column T-1).
@@ -47,8 +56,7 @@ def prefill(
     Returns logits over the prompt positions ``[batch, T, vocab]`` (the last one predicts the
     first new token) and the state whose cache holds the prefix and the prompt.
     """
-    variables = {"params": params}
-    inputs = model.apply(variables, dict(batch), method=Generator.condition)
+    inputs = _apply(model, weights, dict(batch), method=Generator.condition)
     rows, prompt_len = prompt_ids.shape
     prefix_len = inputs.prefix_length
     max_len = prefix_len + prompt_len + max_new_tokens
@@ -68,8 +76,8 @@ def prefill(
         axis=1,
     )
     cache = family.init_cache(config, rows, max_len, model.dtype)
-    logits, cache = model.apply(
-        variables, prompt_ids, mask, inputs, cache, 0, method=Generator.decode
+    logits, cache = _apply(
+        model, weights, prompt_ids, mask, inputs, cache, 0, method=Generator.decode
     )
     # The prefix now lives in the cache; the cross-attention keys/values too (cache["cross"]).
     state = DecodeState(
@@ -79,11 +87,12 @@ def prefill(
 
 
 def decode_step(
-    model: Generator, params: dict[str, Any], state: DecodeState, tokens: jax.Array
+    model: Generator, weights: DecodeWeights, state: DecodeState, tokens: jax.Array
 ) -> tuple[jax.Array, DecodeState]:
     """Feed one token per row (``[batch]``) -> next-token logits ``[batch, vocab]``, new state."""
-    logits, cache = model.apply(
-        {"params": params},
+    logits, cache = _apply(
+        model,
+        weights,
         tokens[:, None],
         state.mask,
         state.inputs,

@@ -1,0 +1,127 @@
+"""Decoding weights (research/models/decode_weights.py) against the parameters as trained.
+
+* float32, output-major: prefill + one-token steps give the full forward's logits (trained
+  layout, no cache) and greedy decoding its argmax tokens, for GPT-2 with cross-attention and
+  LoRA adapters on decoder and encoder, and for a Llama with an untied LM head. (Greedy and
+  beam search against transformers' ``generate`` run through the same weights in
+  tests/test_sampling.py and tests/test_llama_pipeline.py.)
+* bfloat16: the stated agreement with the float32 path (below).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+
+from research import sampling
+from research.models import lora as lora_lib
+from research.models.bert import BertConfig
+from research.models.gpt2 import GPT2Config
+from research.models.llama_config import LlamaConfig
+from tests.conftest import (
+    TINY_LLAMA,
+    apply_model,
+    conditioning_batch,
+    incremental_and_full,
+    random_generator,
+)
+
+PARITY_TOL = 1e-4  # max abs logit difference, float32 (as tests/test_sampling.py)
+# bfloat16 weights (8 significant bits) and bfloat16 product operands, measured on these tiny
+# random models: logits move by up to ~0.03 (they span about +-2.4), the teacher-forced argmax
+# moves at a near-tie only.
+BF16_LOGIT_TOL = 0.1
+BF16_ARGMAX_AGREEMENT = 0.9
+BF16_GREEDY_AGREEMENT = 0.75  # greedy tokens equal to float32's (a divergence compounds)
+
+ENCODER = BertConfig(
+    vocab_size=50, hidden_size=24, num_hidden_layers=1, num_attention_heads=2,
+    intermediate_size=48, max_position_embeddings=32,
+)  # fmt: skip
+DECODERS = {
+    "gpt2": GPT2Config(
+        vocab_size=97, n_positions=48, n_embd=32, n_layer=2, n_head=4,
+        bos_token_id=96, eos_token_id=96,
+    ),
+    "llama": LlamaConfig.from_dict(
+        {**TINY_LLAMA, "vocab_size": 97, "tie_word_embeddings": False,
+         "bos_token_id": 96, "eos_token_id": 96}
+    ),
+}  # fmt: skip
+CASES = {
+    # Cross-attention (decoder layers owned by conditioning), adapters on both parts.
+    "gpt2": ("cross_attention", lora_lib.LoRAConfig(rank=2, parts=("decoder", "encoder"))),
+    "llama": ("prefix", lora_lib.LoRAConfig(rank=2)),
+}
+
+
+@functools.cache
+def generator(family: str):
+    conditioning, lora = CASES[family]
+    return random_generator(DECODERS[family], ENCODER, conditioning, lora)
+
+
+def teacher_forced(family: str, weights_dtype: str):
+    model, params = generator(family)
+    config = DECODERS[family]
+    batch = conditioning_batch(ENCODER.vocab_size, 3)
+    incremental, full, _, mask = incremental_and_full(
+        model, params, batch, config.vocab_size - 1, 96, weights_dtype
+    )
+    real = mask.astype(bool)
+    return incremental[real], full[real]
+
+
+def full_forward_greedy(model, params, batch, new_tokens: int, eos: int) -> np.ndarray:
+    """Greedy tokens ``[rows, new_tokens]`` re-running the whole sequence (from BOS) through the
+    trained layout at every step; EOS is forbidden, as ``min_new_tokens`` does."""
+    ids = np.full((len(batch["example"]), 1), eos, np.int32)  # BOS = EOS here
+    for _ in range(new_tokens):
+        inputs = {**batch, "decoder_ids": ids, "decoder_mask": np.ones_like(ids)}
+        logits = np.array(apply_model(model, params, inputs))[:, -1]
+        logits[:, eos] = -np.inf
+        ids = np.concatenate([ids, logits.argmax(-1)[:, None].astype(np.int32)], axis=1)
+    return ids[:, 1:]
+
+
+def greedy(family: str, weights_dtype: str) -> np.ndarray:
+    model, params = generator(family)
+    cfg = sampling.SamplingConfig(
+        max_new_tokens=10, min_new_tokens=10, batch_size=4, weights_dtype=weights_dtype
+    )
+    return sampling.generate(model, params, conditioning_batch(ENCODER.vocab_size, 4), cfg)
+
+
+@pytest.mark.parametrize("family", CASES)
+def test_float32_decoding_weights_give_the_trained_layouts_logits_and_tokens(family):
+    incremental, full = teacher_forced(family, "float32")
+    assert np.max(np.abs(incremental - full)) < PARITY_TOL
+    model, params = generator(family)
+    batch = conditioning_batch(ENCODER.vocab_size, 4)
+    expected = full_forward_greedy(model, params, batch, 10, 96)
+    np.testing.assert_array_equal(greedy(family, "float32"), expected)
+
+
+@pytest.mark.parametrize("family", CASES)
+def test_bfloat16_weights_agree_with_float32(family):
+    incremental, full = teacher_forced(family, "bfloat16")
+    error = np.max(np.abs(incremental - full))
+    assert 0 < error < BF16_LOGIT_TOL  # > 0: the weights really were bfloat16
+    assert (incremental.argmax(-1) == full.argmax(-1)).mean() >= BF16_ARGMAX_AGREEMENT
+    agreement = (greedy(family, "bfloat16") == greedy(family, "float32")).mean()
+    assert agreement >= BF16_GREEDY_AGREEMENT
+
+
+def test_weights_dtype_is_validated_with_its_choices():
+    with pytest.raises(ValueError, match=r"sampling.weights_dtype='int8'.*float32, bfloat16"):
+        sampling.SamplingConfig.from_config({"weights_dtype": "int8"})
+    model, params = generator("gpt2")
+    weights = sampling.decoding_weights(model, params, {"weights_dtype": "bfloat16"})
+    leaf = weights.params["decoder"]["h_0"]["mlp"]["c_fc"]["kernel"]
+    assert leaf.dtype == np.dtype("bfloat16") and leaf.shape == (4 * 32, 32)  # [out, in]
+    # Prepared weights are reused as they are, and refused for another weights_dtype.
+    assert sampling.decoding_weights(model, weights, {"weights_dtype": "bfloat16"}) is weights
+    with pytest.raises(ValueError, match="decoding weights are bfloat16"):
+        sampling.decoding_weights(model, weights, {})
