@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from research.bench import lora, ours, reference, throughput
+from research.bench import agreement, lora, ours, reference, throughput
 from research.bench.batches import conditioned_batch, lm_batch
 from research.bench.common import (
     Setup,
@@ -24,6 +24,7 @@ from research.bench.common import (
     matmul_flops,
     median,
 )
+from research.models.decode_weights import WEIGHTS_DTYPES
 
 MEASUREMENTS = (
     "train_lm",
@@ -261,37 +262,51 @@ def _keeping(store: dict[str, np.ndarray], side: str, fn: Callable[[], Any]) -> 
 
 
 def measure_generate(run: Run, name: str = "generate", s: Setup | None = None) -> list[dict]:
+    """Greedy decoding for each ``sampling.weights_dtype`` and batch size. The reference holds
+    the same weights: float32, or rounded to bfloat16 for the bfloat16 rows (``model.to``);
+    those rows also carry the greedy token agreement with float32 on a trained decoder."""
     s = s or run.setup
     ref = reference.ReferenceSetup.of(s)
     torch_model = reference.lm_model(ref)
     params = ours.params_from_reference(torch_model, s)
     model = ours.lm_model(s, decoding=True)
-    rng = np.random.default_rng(0)
     rows = []
-    for size in s.generate_batches:
-        # Prompts avoid the EOS id (the last one), as real prompts do.
-        prompt = rng.integers(0, s.decoder.vocab_size - 1, (size, s.prompt), dtype=np.int32)
-        outputs: dict[str, np.ndarray] = {}
-        runs = {"ours": _keeping(outputs, "ours", ours.greedy(model, params, prompt, s.new_tokens))}
-        if run.reference_device is not None:
-            fn = reference.greedy(torch_model, prompt, s.new_tokens, ref, run.reference_device)
-            runs["reference"] = _keeping(outputs, "reference", fn)
-        times = interleaved(runs, s.warmup, s.repeats)
-        details = {}
-        if "reference" in outputs:
-            details["same_tokens"] = float((outputs["ours"] == outputs["reference"]).mean())
-        rows.append(
-            _speed_row(
-                name,
-                f"batch {size}",
-                size * s.new_tokens,
-                times,
-                {"batch": size, "prompt": s.prompt, "new_tokens": s.new_tokens},
-                decoder=s.decoder.model_type,
-                strategy="greedy",
-                **details,
+    for weights_dtype in WEIGHTS_DTYPES:
+        weights, prepare_seconds = ours.decoding_weights(model, params, weights_dtype)
+        theirs = reference.with_weights_dtype(torch_model, weights_dtype)
+        details = {"weights_dtype": weights_dtype, "prepare_weights_s": prepare_seconds}
+        if weights_dtype != "float32":
+            steps = 20 if s.name == "smoke" else 300  # smoke: the fields, not the figure
+            details["agreement_with_float32"] = agreement.greedy_agreement(weights_dtype, steps)
+        suffix = "" if weights_dtype == "float32" else f", {weights_dtype} weights"
+        rng = np.random.default_rng(0)
+        for size in s.generate_batches:
+            # Prompts avoid the EOS id (the last one), as real prompts do.
+            prompt = rng.integers(0, s.decoder.vocab_size - 1, (size, s.prompt), dtype=np.int32)
+            outputs: dict[str, np.ndarray] = {}
+            fn = ours.greedy(model, weights, prompt, s.new_tokens)
+            runs = {"ours": _keeping(outputs, "ours", fn)}
+            if run.reference_device is not None:
+                fn = reference.greedy(theirs, prompt, s.new_tokens, ref, run.reference_device)
+                runs["reference"] = _keeping(outputs, "reference", fn)
+            times = interleaved(runs, s.warmup, s.repeats)
+            same = {}
+            if "reference" in outputs:
+                same["same_tokens"] = float((outputs["ours"] == outputs["reference"]).mean())
+            rows.append(
+                _speed_row(
+                    name,
+                    f"batch {size}{suffix}",
+                    size * s.new_tokens,
+                    times,
+                    {"batch": size, "prompt": s.prompt, "new_tokens": s.new_tokens},
+                    decoder=s.decoder.model_type,
+                    strategy="greedy",
+                    **details,
+                    **same,
+                )
             )
-        )
+        del weights, theirs
     return rows
 
 

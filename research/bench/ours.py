@@ -4,6 +4,7 @@ Imports no torch, so an ``ours`` child process measures JAX's memory alone."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import jax
@@ -112,19 +113,37 @@ class TrainStep:
         return float(metrics["loss"][0])
 
 
-def greedy(model: Generator, params: dict[str, Any], prompt_ids: np.ndarray, new_tokens: int):
+def decoding_weights(model: Generator, params: dict[str, Any], weights_dtype: str):
+    """``params`` on the first device, prepared for decoding in ``weights_dtype`` (once per
+    loaded model, as the reference's weights are loaded once) -> (weights, seconds taken)."""
+    start = time.perf_counter()
+    params = jax.device_put(params, jax.devices()[0])
+    weights = sampling.decoding_weights(model, params, {"weights_dtype": weights_dtype})
+    jax.block_until_ready(weights)
+    return weights, time.perf_counter() - start
+
+
+def greedy(
+    model: Generator,
+    weights: sampling.DecodeWeights,
+    prompt_ids: np.ndarray,
+    new_tokens: int,
+):
     """A function decoding ``prompt_ids`` ``[rows, prompt]`` greedily with
-    ``research.sampling.generate`` -> exactly ``new_tokens`` tokens per row (EOS is forbidden
-    until then, as ``min_new_tokens`` does in Hugging Face's ``generate``)."""
+    ``research.sampling.generate`` from ``weights`` (:func:`decoding_weights`) -> exactly
+    ``new_tokens`` tokens per row (EOS is forbidden until then, as ``min_new_tokens`` does in
+    Hugging Face's ``generate``)."""
     rows = prompt_ids.shape[0]
     cfg = sampling.SamplingConfig(
-        strategy="greedy", max_new_tokens=new_tokens, min_new_tokens=new_tokens, batch_size=rows
+        strategy="greedy",
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        batch_size=rows,
+        weights_dtype=weights.dtype,
     )
     batch = {
         "example": np.arange(rows),
         "prompt_ids": prompt_ids,
         "prompt_mask": np.ones_like(prompt_ids),
     }
-    devices = jax.devices()[:1]
-    params = jax.device_put(params, devices[0])
-    return lambda: sampling.generate(model, params, batch, cfg, devices=devices)
+    return lambda: sampling.generate(model, weights, batch, cfg, devices=jax.devices()[:1])

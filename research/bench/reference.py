@@ -12,6 +12,7 @@ process measures PyTorch's memory alone.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 from typing import Any
 
@@ -139,6 +140,16 @@ class TrainStep:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss.item()
+
+
+def with_weights_dtype(
+    model: transformers.PreTrainedModel, weights_dtype: str
+) -> transformers.PreTrainedModel:
+    """``model`` itself for float32, else a copy whose weights are rounded to ``weights_dtype``
+    (``sampling.weights_dtype``'s reference: PyTorch computing with those weights)."""
+    if weights_dtype == "float32":
+        return model
+    return copy.deepcopy(model).to(getattr(torch, weights_dtype))
 
 
 def greedy(

@@ -13,10 +13,12 @@ def target_for(
     if setup == "cpu":
         if measurement == "train_lm":
             return ">= 1.25x", lambda r: r["ratio"] is not None and r["ratio"] >= 1.25
-        if measurement == "generate" and case == "batch 1":
+        # Issue 19: float32 against float32, bfloat16 weights against bfloat16 weights.
+        batch = case.split(",")[0]
+        if measurement == "generate" and batch == "batch 1":
             return ">= 1.5x", lambda r: r["ratio"] is not None and r["ratio"] >= 1.5
-        if measurement == "generate" and case == "batch 16":
-            return ">= 3x", lambda r: r["ratio"] is not None and r["ratio"] >= 3.0
+        if measurement == "generate" and batch == "batch 16":
+            return ">= 2x", lambda r: r["ratio"] is not None and r["ratio"] >= 2.0
     if setup in ("cpu", "gpu") and measurement == "train_frozen_encoder":
         least = 3.0 if case.startswith("prefix") else 2.0
         return f">= {least:g}x", lambda r: r["ratio"] is not None and r["ratio"] >= least
