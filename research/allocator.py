@@ -11,7 +11,8 @@ instead, with ``mallopt``, also stopped the faults but raised the peak by 4 GiB)
 
 glibc reads its tunables only when a process starts, so the ``research`` command, started
 without the tunable, starts itself again at once with it added to ``GLIBC_TUNABLES`` (before
-anything is imported or allocated); processes it starts inherit it. ``RESEARCH_MALLOC=default``
+anything is imported or allocated); processes it starts inherit it (``research bench`` does
+not restart: see research/cli.py). ``RESEARCH_MALLOC=default``
 switches this off. Nothing changes where the user already set ``glibc.malloc.hugetlb``, on C
 libraries other than glibc 2.35+, or where the kernel's transparent huge pages are off.
 """

@@ -143,7 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv or os.environ.get("RESEARCH_DEBUG", "") not in ("", "0")
     argv = [arg for arg in argv if arg != "--debug"]
     try:
-        if from_command_line:
+        # Not for `bench`: it times us and PyTorch in one process, where huge pages slowed our
+        # step and sped PyTorch's up (experiments/bench/README.md); it measures glibc's default.
+        if from_command_line and argv[:1] != ["bench"]:
             from research.allocator import restart_with_hugepages
 
             restart_with_hugepages()  # glibc reads it at start-up only

@@ -66,3 +66,29 @@ def test_the_users_own_tunables_are_kept():
 def test_unknown_setting_is_one_clear_error():
     with pytest.raises(ExpectedError, match="RESEARCH_MALLOC='fast' in the environment: valid"):
         allocator.hugepage_environment({allocator.ENV: "fast"})
+
+
+# The `research` command line: `config` restarts with huge pages, `bench` does not (it times
+# both frameworks in one process; see research/cli.py).
+COMMAND = """
+import os, sys
+print(os.environ.get("GLIBC_TUNABLES"), flush=True)
+from research.cli import main
+sys.exit(main())
+"""
+
+
+@pytest.mark.skipif(not available, reason="needs glibc 2.35+ and transparent huge pages")
+@pytest.mark.parametrize(
+    "command, restarts",
+    [(["config", "--config", "experiments/configs/quickstart.py"], True), (["bench", "-h"], False)],
+)
+def test_the_command_restarts_except_for_bench(command, restarts):
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", allocator.ENV)}
+    out = subprocess.run(
+        [sys.executable, "-c", COMMAND, *command], env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    printed = out.stdout.splitlines()[:2]
+    assert printed[0] == "None"
+    assert (printed[1] == "glibc.malloc.hugetlb=1") == restarts, printed
