@@ -62,6 +62,12 @@ EXPECTED_ROWS = {
             ("train_lora", "LoRA r8, bfloat16 base, 2 x 16 tokens"),
         )
     ),
+    ("train_lm_bf16", "2 x 16 tokens"),
+    ("train_conditioned_bf16", "2 x (16 encoder + 16 decoder) tokens"),
+    ("generate_bf16", "batch 1"),
+    ("generate_bf16", "batch 2"),
+    ("generate_bf16", "batch 1, bfloat16 weights"),
+    ("generate_bf16", "batch 2, bfloat16 weights"),
 }
 
 
@@ -83,7 +89,8 @@ def test_smoke_writes_one_complete_row_per_measurement(smoke):
     assert {r["measurement"] for r in written} == set(MEASUREMENTS)
     for row in written:
         where = f"{row['measurement']} / {row['case']}"
-        assert row["setup"] == "smoke" and row["dtype"] == "float32", where
+        dtype = "bfloat16" if row["measurement"].endswith("_bf16") else "float32"
+        assert row["setup"] == "smoke" and row["dtype"] == dtype, where
         assert math.isfinite(row["ours"]) and row["ours"] > 0, where
         assert math.isfinite(row["reference"]) and row["reference"] > 0, where
         assert row["ratio"] == pytest.approx(row["ours"] / row["reference"]), where
@@ -132,6 +139,9 @@ def test_smoke_both_sides_run_the_same_network(smoke):
             assert bf16["weights_dtype"] == "bfloat16" and 0 <= bf16["same_tokens"] <= 1
             agreement = bf16["agreement_with_float32"]
             assert 0 <= agreement["token_agreement"] <= 1 and agreement["steps"] == 20
+    # bfloat16 against autocast: the same network, rounded at other points.
+    loss = by_key[("train_lm_bf16", "2 x 16 tokens")]["first_loss"]
+    assert loss["ours"] == pytest.approx(loss["reference"], rel=1e-2)
 
 
 def test_smoke_compile_memory_and_mfu_fields(smoke):
@@ -156,10 +166,12 @@ def test_smoke_compile_memory_and_mfu_fields(smoke):
             "ours_full": ["jax"],
             "reference_lora": ["torch"],
         }
-    for name in ("train_lm", "train_conditioned"):
+    for name in ("train_lm", "train_conditioned", "train_lm_bf16"):
         row = next(r for r in written if r["measurement"] == name)
         assert row["peak_flops"] > 1e9 and row["peak_source"] == "measured matmul"
-        assert row["matmul_flops_per_s"]["trials"] == len(MEASUREMENTS) + 1
+        # Each dtype's peak: sampled before every measurement (bfloat16: from its first row on).
+        trials = 4 if name.endswith("_bf16") else len(MEASUREMENTS) + 1
+        assert row["matmul_flops_per_s"]["trials"] == trials
         for side in ("ours", "reference"):
             assert 0 < row["mfu"][side] < 1.5
             assert row["mfu_valid"][side] == (row["mfu"][side] <= 1.0)

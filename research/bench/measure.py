@@ -38,6 +38,9 @@ MEASUREMENTS = (
     "generate_llama",
     "memory_lora",
     "train_lora",
+    "train_lm_bf16",
+    "train_conditioned_bf16",
+    "generate_bf16",
 )
 
 
@@ -55,29 +58,32 @@ class Run:
             "ours": setup.name,
             "reference": json.dumps(reference_spec | {"device": self.reference_device}),
         }
-        self._peak: dict[str, Any] | None = None
+        self._peaks: dict[str, dict[str, Any]] = {}  # by dtype
         self._children: dict[tuple[str, str], dict[str, Any]] = {}
 
-    def sample_peak(self) -> None:
-        """One more trial of the matrix-product peak; ``run_bench`` takes one before every
-        measurement and one at the end, so a busy moment cannot set the peak on its own."""
-        trial = _matmul_peak(self.setup, self.reference_device)
-        if self._peak is None:
-            self._peak = {**trial, "trials": 0}
-        for side in ("jax", "torch"):
-            if trial[side] and trial[side] > (self._peak[side] or 0.0):
-                self._peak[side] = trial[side]
-        self._peak["trials"] += 1
+    def sample_peak(self, dtypes: tuple[str, ...] | None = None) -> None:
+        """One more trial of the matrix-product peak in ``dtypes``, by default the setup's and
+        every dtype sampled before; ``run_bench`` takes one before every measurement and one
+        at the end, so a busy moment cannot set the peak on its own."""
+        for dtype in dtypes or dict.fromkeys((self.setup.dtype, *self._peaks)):
+            trial = _matmul_peak(self.setup, dtype, self.reference_device)
+            peak = self._peaks.setdefault(dtype, {**trial, "trials": 0})
+            for side in ("jax", "torch"):
+                if trial[side] and trial[side] > (peak[side] or 0.0):
+                    peak[side] = trial[side]
+            peak["trials"] += 1
 
-    def peak(self) -> dict[str, Any]:
-        """FLOP/s the MFU figures divide by: the card's datasheet peak on a known GPU, else the
-        best of ``jnp.dot`` and ``torch.mm`` on square matrices over the run's trials."""
-        if self._peak is None:
-            self.sample_peak()
+    def peak(self, dtype: str) -> dict[str, Any]:
+        """FLOP/s the MFU figures of a ``dtype`` row divide by: the card's datasheet peak on a
+        known GPU, else the best of ``jnp.dot`` and ``torch.mm`` on square matrices of that
+        dtype over the run's trials."""
+        if dtype not in self._peaks:
+            self.sample_peak((dtype,))
         card = card_peak_flops(self.device.device_kind) if self.device.platform == "gpu" else None
-        measured = [v for v in (self._peak["jax"], self._peak["torch"]) if v]
+        peak = self._peaks[dtype]
+        measured = [v for v in (peak["jax"], peak["torch"]) if v]
         return {
-            **self._peak,
+            **peak,
             "used": card or max(measured),
             "source": "datasheet" if card else "measured matmul",
         }
@@ -99,18 +105,17 @@ class Run:
         return self._children[side, job]
 
 
-def _matmul_peak(setup: Setup, torch_device: str | None) -> dict[str, Any]:
+def _matmul_peak(setup: Setup, dtype: str, torch_device: str | None) -> dict[str, Any]:
     import torch
 
     n = {"smoke": 256, "gpu": 8192}.get(setup.name, 2048)
     rng = np.random.default_rng(0)
     a, b = (rng.standard_normal((n, n), dtype=np.float32) for _ in range(2))
-    dtype = setup.jnp_dtype
-    ja, jb = jnp.asarray(a, dtype), jnp.asarray(b, dtype)
+    ja, jb = (jnp.asarray(x, jnp.bfloat16 if dtype == "bfloat16" else jnp.float32) for x in (a, b))
     dot = jax.jit(jnp.dot)
     runs = {"jax": lambda: dot(ja, jb).block_until_ready()}
     if torch_device is not None:
-        tdtype = torch.bfloat16 if setup.dtype == "bfloat16" else torch.float32
+        tdtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
         ta, tb = (torch.as_tensor(x, device=torch_device).to(tdtype) for x in (a, b))
 
         def torch_mm():
@@ -123,7 +128,7 @@ def _matmul_peak(setup: Setup, torch_device: str | None) -> dict[str, Any]:
     flops = 2.0 * n**3
     return {  # the fastest repeat: a peak, not a typical speed
         "n": n,
-        "dtype": setup.dtype,
+        "dtype": dtype,
         "jax": flops / min(times["jax"]),
         "torch": flops / min(times["torch"]) if "torch" in times else None,
     }
@@ -157,9 +162,12 @@ def _speed_row(
     }
 
 
-def _mfu(run: Run, flops_per_step: float, times: dict[str, list[float]]) -> dict[str, Any]:
-    """MFU fields against the run's peak so far; ``run_bench`` redoes them with the final one."""
-    peak = run.peak()
+def _mfu(
+    run: Run, flops_per_step: float, times: dict[str, list[float]], dtype: str
+) -> dict[str, Any]:
+    """MFU fields against the run's peak so far in ``dtype``; ``run_bench`` redoes them with
+    the final one."""
+    peak = run.peak(dtype)
     mfu = {side: flops_per_step / median(t) / peak["used"] for side, t in times.items()}
     return {
         "model_flops_per_step": flops_per_step,
@@ -181,7 +189,7 @@ def final_mfu(row: dict[str, Any], run: Run) -> dict[str, Any]:
     """``row`` with its MFU fields against the run's final peak."""
     if "model_flops_per_step" not in row:
         return row
-    return {**row, **_mfu(run, row["model_flops_per_step"], row["seconds"])}
+    return {**row, **_mfu(run, row["model_flops_per_step"], row["seconds"], row["dtype"])}
 
 
 def _train_compare(run: Run, mine: ours.TrainStep, theirs: reference.TrainStep | None):
@@ -197,6 +205,19 @@ def _train_compare(run: Run, mine: ours.TrainStep, theirs: reference.TrainStep |
 def _with_llama(run: Run) -> Setup:
     """The run's setup with its Llama-family decoder in the decoder's place."""
     return dataclasses.replace(run.setup, decoder=run.setup.llama)
+
+
+def _in_bf16(measure: Callable[[Run, str, Setup], list[dict]], name: str):
+    """``measure`` as a ``NAME_bf16`` row: ours with ``model.dtype=bfloat16`` (float32
+    parameters), the reference under ``torch.autocast(bfloat16)``. No rows where the setup
+    computes in bfloat16 already (gpu): its own rows are those."""
+
+    def bf16_rows(run: Run) -> list[dict]:
+        if run.setup.dtype == "bfloat16":
+            return []
+        return measure(run, name, dataclasses.replace(run.setup, dtype="bfloat16"))
+
+    return bf16_rows
 
 
 def measure_train_lm(run: Run, name: str = "train_lm", s: Setup | None = None) -> list[dict]:
@@ -223,13 +244,16 @@ def measure_train_lm(run: Run, name: str = "train_lm", s: Setup | None = None) -
             decoder=s.decoder.model_type,
             first_loss=first_loss,
             flops_formula="6 N + 12 L d T per token (N: kernels + a tied embedding)",
-            **_mfu(run, flops, times),
+            dtype=s.dtype,
+            **_mfu(run, flops, times, s.dtype),
         )
     ]
 
 
-def measure_train_conditioned(run: Run) -> list[dict[str, Any]]:
-    s = run.setup
+def measure_train_conditioned(
+    run: Run, name: str = "train_conditioned", s: Setup | None = None
+) -> list[dict[str, Any]]:
+    s = s or run.setup
     rng = np.random.default_rng(0)
     model = ours.conditioned_model(s)
     params = ours.random_params(model)
@@ -244,14 +268,15 @@ def measure_train_conditioned(run: Run) -> list[dict[str, Any]]:
     forward = matmul_flops(lambda p: model.apply({"params": p}, batch), params)
     return [
         _speed_row(
-            "train_conditioned",
+            name,
             f"{s.batch} x ({s.encoder_seq} encoder + {s.seq} decoder) tokens",
             s.batch * s.seq,
             times,
             {"batch": s.batch, "seq": s.seq, "encoder_seq": s.encoder_seq},
             first_loss=first_loss,
             flops_formula="3 x the matrix products of our forward pass (counted on its jaxpr)",
-            **_mfu(run, 3.0 * forward, times),
+            dtype=s.dtype,
+            **_mfu(run, 3.0 * forward, times, s.dtype),
         )
     ]
 
@@ -275,6 +300,7 @@ def measure_generate(run: Run, name: str = "generate", s: Setup | None = None) -
         weights, prepare_seconds = ours.decoding_weights(model, params, weights_dtype)
         theirs = reference.with_weights_dtype(torch_model, weights_dtype)
         details = {"weights_dtype": weights_dtype, "prepare_weights_s": prepare_seconds}
+        details["dtype"] = s.dtype
         if weights_dtype != "float32":
             steps = 20 if s.name == "smoke" else 300  # smoke: the fields, not the figure
             details["agreement_with_float32"] = agreement.greedy_agreement(weights_dtype, steps)
@@ -372,6 +398,9 @@ MEASURE: dict[str, Callable[[Run], list[dict[str, Any]]]] = {
     "generate_llama": lambda run: measure_generate(run, "generate_llama", _with_llama(run)),
     "memory_lora": lora.measure_memory_lora,
     "train_lora": lora.measure_train_lora,
+    "train_lm_bf16": _in_bf16(measure_train_lm, "train_lm_bf16"),
+    "train_conditioned_bf16": _in_bf16(measure_train_conditioned, "train_conditioned_bf16"),
+    "generate_bf16": _in_bf16(measure_generate, "generate_bf16"),
 }
 
 

@@ -9,7 +9,9 @@ from typing import Any
 def target_for(
     setup: str, measurement: str, case: str
 ) -> tuple[str, Callable[[dict], bool]] | None:
-    """The issue's target for a row of a ``cpu``/``gpu`` run: (text, check), or None."""
+    """The issue's target for a row of a ``cpu``/``gpu`` run: (text, check), or None. A
+    ``NAME_bf16`` row (bfloat16 against autocast) has the target of ``NAME``."""
+    measurement = measurement.removesuffix("_bf16")
     if setup == "cpu":
         if measurement == "train_lm":
             return ">= 1.25x", lambda r: r["ratio"] is not None and r["ratio"] >= 1.25
@@ -77,9 +79,12 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     with_mfu = [r for r in rows if "peak_flops" in r]
     if with_mfu:
         formulas = "; ".join(f"{r['measurement']}: {r['flops_formula']}" for r in with_mfu)
+        # One peak per dtype (the bf16 rows of a float32 run have their own).
+        peaks = {r["dtype"]: r["peak_flops"] for r in with_mfu}
+        peak_text = ", ".join(f"{p / 1e9:,.0f} GFLOP/s in {d}" for d, p in peaks.items())
         lines += [
             "",
-            f"MFU: model FLOPs per second / {with_mfu[0]['peak_flops'] / 1e9:,.0f} GFLOP/s "
+            f"MFU: model FLOPs per second / {peak_text} "
             f"({with_mfu[0]['peak_source']}). Model FLOPs, {formulas}.",
         ]
     load = [r["load_average"] for r in rows]

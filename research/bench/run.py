@@ -73,7 +73,7 @@ def _complete(row: dict[str, Any], run: Run) -> dict[str, Any]:
         "target": target[0] if target else None,
         "meets_target": target[1](row) if target else None,
         "setup": s.name,
-        "dtype": s.dtype,
+        "dtype": row.get("dtype", s.dtype),  # the bf16 rows of a float32 setup say so
         "attention_impl": s.attention_impl,
         "warmup": s.warmup,
         "repeats": s.repeats,
