@@ -268,13 +268,13 @@ def test_targets_and_card_peaks():
 def test_lora_memory_needs_count_gpt2_large_parameters():
     """GPT-2 large has 774,030,080 parameters (wte 50257 x 1280, wpe 1024 x 1280, 36 blocks of
     19,677,440, ln_f); LoRA r8 on c_attn (1280 -> 3840) and attn c_proj (1280 -> 1280) adds
-    8 x (1280 + 3840 + 1280 + 1280) per block. Full fine-tuning keeps 16 bytes per parameter,
-    LoRA 2 per bfloat16 base weight and 16 per adapter weight."""
+    8 x (1280 + 3840 + 1280 + 1280) per block. Each kind of child's estimated peak is its bytes
+    per parameter times that count; the deepest prefix that fits a budget is found exactly."""
     setup = make_setup("cpu")
     shape = lora.lora_shape(setup, "gpt2_large")
-    base, adapters = 774_030_080, 36 * 8 * (1280 + 3840 + 1280 + 1280)
-    assert lora.needed_bytes(setup, shape, "full") == 16 * base
-    assert lora.needed_bytes(setup, shape, "lora") == 2 * base + 16 * adapters
+    count = 774_030_080 + 36 * 8 * (1280 + 3840 + 1280 + 1280)
+    for kind, per_parameter in lora.PEAK_BYTES_PER_PARAMETER.items():
+        assert lora.needed_bytes(setup, shape, kind) == per_parameter * count
     twenty = lora.needed_bytes(setup, lora.lora_shape(setup, "gpt2_large", 20), "full")
     assert lora.fitting_layers(setup, shape, twenty) == 20
     assert lora.fitting_layers(setup, shape, twenty - 1) == 19

@@ -37,7 +37,7 @@ from research.bench import ours
 from research.bench.batches import lm_batch
 from research.bench.common import NO_DROPOUT, Setup
 from research.models import families
-from research.models.generator import Generator, GeneratorSpec, init_generator, param_group
+from research.models.generator import Generator, GeneratorSpec, init_generator
 from research.models.gpt2 import GPT2Config
 from research.models.llama_config import LlamaConfig
 from research.models.lora import LoRAConfig
@@ -107,24 +107,21 @@ def ours_step(setup: Setup, shape: LoRAShape, mode: str) -> ours.TrainStep:
     return ours.TrainStep(model, ours.random_params(model), lora_batch(shape))
 
 
-# What training keeps per parameter, before activations: float32 weights, gradients and
-# AdamW's two moments for a trained one; a frozen base weight only itself, in bfloat16.
-TRAINED_BYTES, FROZEN_BF16_BYTES = 16, 2
+# Peak bytes per parameter of each kind of child, from the CPU measurements of 2026-12-01
+# (experiments/bench/README.md, "memory_lora / train_lora"), rounded up. Full fine-tuning:
+# float32 weights, gradients and AdamW moments (16) plus the step's new weights and moments,
+# which XLA holds beside the old ones (12): GPT-2 large passed 20 GB. Our LoRA on a bfloat16
+# base: the base (2), its initial host copy (2), the float32 copy of every base weight that
+# XLA:CPU makes for its float32 dots (4), activations. PEFT: the base, activations.
+PEAK_BYTES_PER_PARAMETER = {"full": 30, "lora": 12, "peft": 5}
 
 
-def needed_bytes(setup: Setup, shape: LoRAShape, mode: str) -> int:
-    """What a ``mode`` child keeps for its parameters (either side's: the same adapters on
-    the same base), before activations."""
-    if mode == "full":
-        model = Generator(GeneratorSpec(shape.decoder, None), setup.jnp_dtype)
-    else:
-        model = _lora_model(setup, shape)
+def needed_bytes(setup: Setup, shape: LoRAShape, kind: str) -> int:
+    """About the peak of a ``kind`` child (``full``, ``lora``: ours; ``peft``) on ``shape``."""
+    model = _lora_model(setup, shape)
     params = jax.eval_shape(lambda: init_generator(model, jax.random.key(0)))
-    total = 0
-    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-        trained = mode == "full" or param_group(tuple(k.key for k in path)) == "lora"
-        total += leaf.size * (TRAINED_BYTES if trained else FROZEN_BF16_BYTES)
-    return total
+    count = sum(leaf.size for leaf in jax.tree_util.tree_leaves(params))
+    return count * PEAK_BYTES_PER_PARAMETER[kind]
 
 
 def child_budget() -> int | None:
@@ -212,7 +209,7 @@ def _memory(side: dict[str, Any]) -> float:
     return device / 2**20 if device else side["peak_rss_mib"]
 
 
-def _row(name: str, case: str, shape: LoRAShape, mine: float, theirs: float | None, **details):
+def _row(name: str, case: str, shape: LoRAShape, mine, theirs, **details) -> dict[str, Any]:
     return {
         "measurement": "memory_lora",
         "case": f"{name}: {case}",
@@ -229,27 +226,39 @@ def _row(name: str, case: str, shape: LoRAShape, mine: float, theirs: float | No
     }
 
 
+def _kind(side: str, mode: str) -> str:
+    return "peft" if side == "reference" else mode
+
+
+def _does_not_fit(what: str, need: int, budget: int) -> str:
+    return f"{what} does not fit (estimated peak {need / GB:.1f} GB, budget {budget / GB:.1f} GB)"
+
+
 def measure_memory_lora(run) -> list[dict[str, Any]]:
     """Per shape: ours LoRA, ours full and PEFT's LoRA, each in a fresh process, one after
     another (each has the machine's memory to itself). A child whose :func:`needed_bytes`
-    exceeds :func:`child_budget` is not started; when that is full fine-tuning, LoRA and full
-    are compared on the deepest prefix of the decoder whose full fine-tuning fits."""
+    exceeds :func:`child_budget` is not started (its rows say so); when that is full
+    fine-tuning, LoRA and full are compared on the deepest prefix of the decoder whose full
+    fine-tuning fits."""
     setup, rows = run.setup, []
     versus_full, versus_peft = "LoRA r8 / full fine-tuning (ours)", "LoRA r8, ours / PyTorch + PEFT"
     for name in SHAPES:
         shape, budget = lora_shape(setup, name), child_budget()
-        needs = {mode: needed_bytes(setup, shape, mode) for mode in MODES}
-        fits = {mode: budget is None or need <= budget for mode, need in needs.items()}
+        needs = {kind: needed_bytes(setup, shape, kind) for kind in PEAK_BYTES_PER_PARAMETER}
+        fits = {kind: budget is None or need <= budget for kind, need in needs.items()}
         sizes = {
-            "needed_gb": {m: n / GB for m, n in needs.items()},
+            "estimated_peak_gb": {kind: n / GB for kind, n in needs.items()},
             "budget_gb": budget and budget / GB,
         }
         if not fits["lora"]:
-            raise RuntimeError(f"memory_lora {name}: LoRA does not fit ({sizes})")
+            note = _does_not_fit("our LoRA", needs["lora"], budget)
+            for case in (versus_full, versus_peft):
+                rows.append(_row(name, case, shape, None, None, not_run=note, **sizes))
+            continue
         got = {
             (side, mode): _child_result(run, side, mode, shape, None)
             for side, mode in CHILDREN
-            if fits[mode] and (side == "ours" or run.reference_device is not None)
+            if fits[_kind(side, mode)] and (side == "ours" or run.reference_device is not None)
         }
         children = {f"{s}_{m}": r for (s, m), r in got.items()}
         mine = _memory(got["ours", "lora"])
@@ -260,19 +269,23 @@ def measure_memory_lora(run) -> list[dict[str, Any]]:
             rows.append(_row_cut(run, shape, needs["full"], budget, versus_full, sizes))
         theirs = got.get(("reference", "lora"))
         peft_mib = _memory(theirs) if theirs else None
-        rows.append(_row(name, versus_peft, shape, mine, peft_mib, children=children, **sizes))
+        details = {} if fits["peft"] else {"not_run": _does_not_fit("PEFT", needs["peft"], budget)}
+        rows.append(
+            _row(name, versus_peft, shape, mine, peft_mib, children=children, **details, **sizes)
+        )
     return rows
 
 
 def _row_cut(run, shape: LoRAShape, need: int, budget: int, case: str, sizes: dict) -> dict:
     """LoRA against full fine-tuning on the deepest prefix of ``shape`` whose full
     fine-tuning fits ``budget`` (all of it needs ``need`` bytes)."""
+    depth = families.decoder_family(shape.decoder).hf.num_layers(shape.decoder)
+    note = _does_not_fit(f"full fine-tuning of all {depth} layers", need, budget)
     layers = fitting_layers(run.setup, shape, budget)
     if layers is None:
-        raise RuntimeError(f"memory_lora {shape.name}: one layer's full fine-tuning does not fit")
+        return _row(shape.name, case, shape, None, None, not_run=note, **sizes)
     cut = lora_shape(run.setup, shape.name, layers)
     pair = {mode: _child_result(run, "ours", mode, cut, layers) for mode in MODES}
-    depth = families.decoder_family(shape.decoder).hf.num_layers(shape.decoder)
     return _row(
         shape.name,
         f"{layers} of {depth} layers, {case}",
@@ -280,18 +293,38 @@ def _row_cut(run, shape: LoRAShape, need: int, budget: int, case: str, sizes: di
         _memory(pair["lora"]),
         _memory(pair["full"]),
         children={f"ours_{mode}_{layers}_layers": r for mode, r in pair.items()},
-        full_does_not_fit=f"full fine-tuning of all {depth} layers does not fit (computed "
-        f"need {need / GB:.1f} GB before activations, budget {budget / GB:.1f} GB)",
+        full_does_not_fit=note,
         **sizes,
     )
 
 
 def measure_train_lora(run) -> list[dict[str, Any]]:
+    """Per shape, in this process: our LoRA step and PEFT's taking turns; a shape whose two
+    steps together exceed :func:`child_budget` is not run (its row says so)."""
     from research.bench.measure import _speed_row, _train_compare
 
     setup, rows = run.setup, []
     for name in SHAPES:
-        shape = lora_shape(setup, name)
+        shape, budget = lora_shape(setup, name), child_budget()
+        case = f"{name}: LoRA r8, bfloat16 base, {shape.batch} x {shape.seq} tokens"
+        shapes = {"batch": shape.batch, "seq": shape.seq, "vocab": shape.decoder.vocab_size}
+        need = needed_bytes(setup, shape, "lora") + needed_bytes(setup, shape, "peft")
+        if budget is not None and need > budget:
+            note = _does_not_fit("our LoRA step and PEFT's in one process", need, budget)
+            rows.append(
+                {
+                    "measurement": "train_lora",
+                    "case": case,
+                    "unit": "tokens/s",
+                    "better": "higher",
+                    "ours": None,
+                    "reference": None,
+                    "ratio": None,
+                    "shapes": shapes,
+                    "not_run": note,
+                }
+            )
+            continue
         mine = ours_step(setup, shape, "lora")
         device = run.reference_device
         theirs = reference_step(setup, shape, device) if device is not None else None
@@ -299,10 +332,10 @@ def measure_train_lora(run) -> list[dict[str, Any]]:
         rows.append(
             _speed_row(
                 "train_lora",
-                f"{name}: LoRA r8, bfloat16 base, {shape.batch} x {shape.seq} tokens",
+                case,
                 shape.batch * shape.seq,
                 times,
-                {"batch": shape.batch, "seq": shape.seq, "vocab": shape.decoder.vocab_size},
+                shapes,
                 decoder=shape.decoder.model_type,
                 first_loss=first_loss,
             )
