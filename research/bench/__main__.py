@@ -129,7 +129,9 @@ def child(side: str, job: str, setup_arg: str) -> dict[str, Any]:
     prompt = rng.integers(0, vocab_size - 1, (1, setup.prompt), dtype=np.int32)
     if side == "ours":
         model = ours.lm_model(setup, decoding=True)
-        fn = ours.greedy(model, ours.random_params(model), prompt, setup.new_tokens)
+        # Prepared once per loaded model, as the reference's weights are loaded before timing.
+        weights, _ = ours.decoding_weights(model, ours.random_params(model), "float32")
+        fn = ours.greedy(model, weights, prompt, setup.new_tokens)
     else:
         fn = reference.greedy(reference.lm_model(setup), prompt, setup.new_tokens, setup, device)
     shapes = {"batch": 1, "prompt": setup.prompt, "new_tokens": setup.new_tokens}
