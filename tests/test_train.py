@@ -59,6 +59,7 @@ from research.models.generator import init_generator, param_group
 from research.train import loop
 from research.train.checkpoint import Checkpointer
 from research.train.checkpoint_damage import restore_newest
+from research.train.loss import token_loss_sums
 from research.train.optim import make_optimizer
 from research.train.run_log import read_metrics
 from research.train.steps import init_state, make_train_step, replicate, shard
@@ -663,6 +664,41 @@ def test_train_step_on_its_own_output_does_not_compile_again(caplog):
         jax.block_until_ready(metrics)
     compiled = [record.message[:120] for record in caplog.records if "Compiling" in record.message]
     assert not compiled, compiled
+
+
+def test_train_step_is_adamw_on_the_mean_loss_and_skips_a_nonfinite_step():
+    """One step equals optax's AdamW applied, outside the step, to the gradient of the mean
+    token loss over the whole batch (a second code path); a step whose loss is NaN returns the
+    state as it was, step counter included."""
+    model = ToyLM()
+    ids = np.arange(48, dtype=np.int32).reshape(8, 6) * 5 % 16
+    host = {"decoder_ids": ids, "decoder_mask": np.ones_like(ids)}
+    devices = jax.device_count()
+    batch = shard(host, devices, 1)
+    params = model.init(jax.random.key(0), host)["params"]
+    tx = optax.adamw(1e-2, weight_decay=0.1)
+    labels = jax.tree.map(lambda _: "train", params)
+    step = make_train_step(model, tx, labels, optax.constant_schedule(1e-2), deterministic=True)
+    seed = replicate(jax.random.key(1), devices)
+    new, _ = step(replicate(init_state(params, tx), devices), batch, seed)
+
+    def mean_loss(p):
+        total, count = token_loss_sums(model.apply({"params": p}, host), ids, host["decoder_mask"])
+        return total / count
+
+    updates, _ = tx.update(jax.grad(mean_loss)(params), tx.init(params), params)
+    expected = optax.apply_updates(params, updates)
+    assert int(new["step"][0]) == 1
+    for got, want in zip(jax.tree.leaves(new["params"]), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_allclose(np.asarray(got[0]), np.asarray(want), rtol=0, atol=1e-6)
+
+    poisoned = jax.tree.map(lambda x: x.at[0, 0].set(np.nan) if x.ndim == 2 else x, params)
+    state = replicate(init_state(poisoned, tx), devices)
+    before = jax.tree.map(np.asarray, state)
+    after, metrics = step(state, batch, seed)
+    assert np.isnan(np.asarray(metrics["loss"])).all()
+    for got, want in zip(jax.tree.leaves(after), jax.tree.leaves(before), strict=True):
+        np.testing.assert_array_equal(np.asarray(got), want)
 
 
 # Run first (these tests start no background job), so the timing below is not contended.
