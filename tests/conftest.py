@@ -8,6 +8,7 @@ session-scoped so the checkpoints are written and loaded once per test run.
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -78,6 +79,26 @@ def apply_model(model, params, *args, **kwargs):
     shapes shares one compilation (compiling dominates these tests' run time).
     """
     return model.apply({"params": params}, *args, **kwargs)
+
+
+def code_mappings() -> int:
+    """How many memory mappings this process has (each loaded executable maps its code)."""
+    return len(Path("/proc/self/maps").read_text().splitlines())
+
+
+@pytest.fixture(autouse=True, scope="module")
+def free_compiled_code_between_modules():
+    """After a test file, drop JAX's compiled executables once the process holds over half the
+    memory mappings the kernel allows (``vm.max_map_count``).
+
+    The whole suite runs in one process and compiles thousands of executables (jitted helpers
+    such as :func:`apply_model` keep every model they have seen); at the limit ``mmap`` fails
+    and LLVM aborts the test run. Below it, files keep sharing compilations.
+    """
+    yield
+    limit = int(Path("/proc/sys/vm/max_map_count").read_text())
+    if code_mappings() > limit // 2:
+        jax.clear_caches()
 
 
 def mask_positions(mask: np.ndarray) -> np.ndarray:

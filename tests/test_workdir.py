@@ -9,6 +9,7 @@ or not). The references are the finished run's files as they were before the cas
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
@@ -29,6 +30,7 @@ from research.train.checkpoint import Checkpointer
 from research.train.checkpoint_damage import CORRUPT_SUBDIR
 from research.train.frozen_init import FrozenSourceChanged
 from research.train.run_log import read_metrics, structural_hash
+from tests.conftest import code_mappings
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "tests" / "configs" / "tiny.py"
@@ -354,3 +356,16 @@ def test_frozen_init_encoder_is_left_out_and_resume_stays_exact(frozen_encoder_f
     before = snapshot(full)
     assert cli.main(train_argv(full, (*overrides, ("train.steps", str(STEPS + 1))))) == 2
     assert snapshot(full).keys() - {"run.json"} == before.keys() - {"run.json"}
+
+
+def test_runs_in_one_process_leave_no_compiled_code_behind(tmp_path):
+    """A run frees its compiled steps when it ends: JAX's pmap cache would keep each run's
+    executables, and their code mappings, until ``mmap`` failed at ``vm.max_map_count``
+    (an in-process ablation or test suite aborted there)."""
+    mappings = []
+    for seed in range(3):
+        assert cli.main(train_argv(tmp_path / str(seed), (*RUN, ("seed", str(seed))))) == 0
+        gc.collect()
+        mappings.append(code_mappings())
+    # A tiny run's steps map about 500 regions; the first run also loads libraries.
+    assert mappings[2] - mappings[0] < 50, mappings

@@ -45,7 +45,7 @@ from research.train.run_log import (
     record_invocation,
     write_json,
 )
-from research.train.steps import make_eval_step, replicate, shard
+from research.train.steps import make_eval_step, release_compiled_steps, replicate, shard
 
 # What a batch carries about whom and what the review is for (not the targets).
 CONDITIONING_INPUTS = ("user", "item", "encoder_ids", "encoder_mask", "encoder_states")
@@ -156,6 +156,7 @@ def split_perplexity(run: LoadedRun, split: str, max_examples: int = 0) -> float
         batch = {k: v for k, v in batch.items() if k != "example"}
         sums = step(params, shard(batch, devices))
         total, count = total + float(sums["loss_sum"][0]), count + float(sums["tokens"][0])
+    release_compiled_steps()
     return math.exp(total / max(count, 1.0))
 
 

@@ -52,6 +52,7 @@ from research.train.steps import (
     init_state,
     make_eval_step,
     make_train_step,
+    release_compiled_steps,
     replicate,
     shard,
     to_devices,
@@ -247,7 +248,10 @@ def train(cfg: ml_collections.ConfigDict, workdir: str | Path, command: list[str
             return {"step": done, "already_complete": True}
         if primary:
             record_invocation(workdir, cfg, "train", changed, command)
-        return _start(cfg, workdir)
+        try:
+            return _start(cfg, workdir)
+        finally:
+            release_compiled_steps()
 
 
 def _start(cfg: ml_collections.ConfigDict, workdir: Path):

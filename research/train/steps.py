@@ -170,6 +170,18 @@ def make_train_step(
     return jax.pmap(step, axis_name=AXIS, donate_argnums=(0,) if donate else ())
 
 
+def release_compiled_steps() -> None:
+    """Free every compiled step of this process (``jax.clear_caches``); call once a run's
+    steps are done with.
+
+    JAX 0.10's ``pmap`` is a ``shard_map`` whose cache keeps each function it was given, and
+    with it the compiled executable, for the life of the process. Every executable maps its
+    kernels' code, so the runs of one process (ablation cells, notebook reruns, tests) add up
+    until ``mmap`` fails at the kernel's ``vm.max_map_count`` and LLVM aborts the process.
+    """
+    jax.clear_caches()
+
+
 def make_eval_step(model: Any) -> Callable:
     """pmapped ``eval_step(params, batch) -> sums``, each summed over devices.
 
