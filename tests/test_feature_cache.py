@@ -59,9 +59,10 @@ def losses(trainer: loop.Trainer, tx, raw_batches) -> list[float]:
     return [*out, trainer.evaluate(state["params"])["loss"]]
 
 
-@pytest.mark.parametrize(
-    "conditioning", ["prefix", "cross_attention", "additive", "prefix+cross_attention+id_prompt"]
-)
+# One case per kind of cache: "pooled" (additive; prefix pools the same Sources through the same
+# ``pool``) and "states", read by cross-attention and, pooled, by prefix next to id_prompt: each
+# case compiles its train and eval steps twice (live, cached), the slowest tests of this file.
+@pytest.mark.parametrize("conditioning", ["additive", "prefix+cross_attention+id_prompt"])
 def test_cached_features_train_and_evaluate_like_the_live_encoder(conditioning, dataset, tmp_path):
     cfg = tiny_config(tmp_path, conditioning)
     trainer = loop.Trainer(cfg, tmp_path, dataset)
