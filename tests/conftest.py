@@ -206,10 +206,9 @@ def valid_diff(ours, theirs, mask) -> float:
 
 def random_generator(decoder, encoder, conditioning: str, lora=None) -> tuple[Generator, dict]:
     """A generator (5 users, 7 items) with random parameters: norm scales/weights around 1,
-    the rest around 0, so zero-initialised conditioning weights (cross-attention output,
-    additive projection, LoRA's B with ``lora``, a ``LoRAConfig``) really change the logits.
-    ``init_generator`` gives the tree; numpy fills it (compiling the initialisers would take
-    longer than the tests that use it)."""
+    the rest around 0 (:func:`random_params`), so zero-initialised conditioning weights
+    (cross-attention output, additive projection, LoRA's B with ``lora``, a ``LoRAConfig``)
+    really change the logits."""
     methods = parse_conditioning(conditioning)
     spec = GeneratorSpec(
         decoder,
@@ -221,14 +220,26 @@ def random_generator(decoder, encoder, conditioning: str, lora=None) -> tuple[Ge
         lora=lora,
     )
     model = Generator(spec)
-    shapes = jax.eval_shape(functools.partial(init_generator, model), jax.random.key(0))
-    rng = np.random.default_rng(1)
+    return model, random_params(model)
+
+
+def initial_shapes(model: Generator) -> dict:
+    """``init_generator``'s tree for ``model`` as shapes (``jax.ShapeDtypeStruct``): nothing is
+    computed or compiled, for tests that read only shapes and paths."""
+    return jax.eval_shape(functools.partial(init_generator, model), jax.random.key(0))
+
+
+def random_params(model: Generator, seed: int = 1) -> dict:
+    """``init_generator``'s tree for ``model``, drawn by numpy: norm scales/weights around 1,
+    the rest around 0 (so zero-initialised weights matter), without compiling initialisers."""
+    shapes = initial_shapes(model)
+    rng = np.random.default_rng(seed)
 
     def draw(path, leaf):
         centre = 1.0 if jax.tree_util.keystr(path).endswith(("['scale']", "['weight']")) else 0.0
         return jnp.asarray(rng.normal(centre, 0.1, leaf.shape), jnp.float32)
 
-    return model, jax.tree_util.tree_map_with_path(draw, shapes)
+    return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
 def conditioning_batch(encoder_vocab: int, rows: int, seed: int = 0) -> dict[str, np.ndarray]:

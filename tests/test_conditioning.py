@@ -26,6 +26,7 @@ from research.models.hf import load_pretrained
 from research.train.loss import mean_token_loss
 from research.train.optim import learning_rate_schedule, make_optimizer, trainable_labels
 from research.train.steps import init_state, make_train_step, shard
+from tests.conftest import apply_model, initial_shapes, random_params
 
 VOCAB, BOS = 40, 0
 TINY_ENCODER = BertConfig(
@@ -175,14 +176,13 @@ def test_frozen_groups_unchanged_and_trainable_groups_get_gradients(
 def test_loss_ignores_padding_and_encoder_padding(pretrained_decoder):
     decoder, _ = pretrained_decoder
     model = Generator(make_spec(decoder.config, "prefix+cross_attention+additive"))
-    params = init_generator(model, jax.random.key(4))
-    params = jax.tree_util.tree_map(lambda p: p + 0.05, params)  # make zero-inits matter
+    params = random_params(model, seed=4)  # zero-initialised weights are not zero here
     batch = with_targets(toy_batch(np.random.default_rng(2), 4), by_ids=False)
     batch["decoder_mask"][:, 3:] = 0
     batch["encoder_mask"][:, 3:] = 0
 
-    def loss(b):
-        logits = model.apply({"params": params}, b)
+    def loss(b):  # one compiled forward for the three batches
+        logits = apply_model(model, params, b)
         return float(mean_token_loss(logits, b["decoder_ids"], b["decoder_mask"]))
 
     base = loss(batch)
@@ -231,7 +231,7 @@ def test_parameter_counts_match_docstring_formulas(pretrained_decoder):
         "id_prompt": (5 + 5) * d,
     }
     for method, count in expected.items():
-        params = init_generator(Generator(make_spec(decoder.config, method)), jax.random.key(0))
+        params = initial_shapes(Generator(make_spec(decoder.config, method)))
         assert parameter_counts(params)["conditioning"] == count, method
     summary = parameter_summary(params, ("conditioning",))
     assert "conditioning" in summary and "total" in summary

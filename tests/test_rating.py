@@ -35,6 +35,7 @@ from research.models.rating import HEADS, RatingHeadSpec
 from research.train.loss import mean_token_loss
 from research.train.optim import make_optimizer, trainable_labels
 from research.train.steps import init_state, make_train_step, replicate, shard
+from tests.conftest import initial_shapes
 
 TINY_CONFIG = "tests/configs/tiny.py"
 VOCAB, BOS = 24, 0
@@ -169,8 +170,7 @@ def test_mf_with_id_prompt_is_the_dot_product_of_the_prompt_tables():
 
 @pytest.mark.parametrize("head", ["mf", "mlp"])
 def test_id_heads_own_their_tables_without_id_prompt(head):
-    model = make_model(head, "prefix")
-    params = init_generator(model, jax.random.key(1))
+    params = initial_shapes(make_model(head, "prefix"))
     assert params["rating"]["user"]["embedding"].shape == (NUM_IDS, DECODER.n_embd)
     assert params["rating"]["item"]["embedding"].shape == (NUM_IDS, DECODER.n_embd)
 
@@ -192,7 +192,7 @@ def test_decoder_head_never_reads_target_tokens(conditioning):
 
 def test_rating_parameters_are_conditioning_parameters():
     for head in PREDICTING_HEADS:
-        params = init_generator(make_model(head, "prefix"), jax.random.key(0))
+        params = initial_shapes(make_model(head, "prefix"))
         paths = [p for p in traverse_util.flatten_dict(params) if p[0] == "rating"]
         assert paths, head
         assert {param_group(p) for p in paths} == {"conditioning"}, head
