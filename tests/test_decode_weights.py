@@ -6,17 +6,20 @@
   beam search against transformers' ``generate`` run through the same weights in
   tests/test_sampling.py and tests/test_llama_pipeline.py.)
 * bfloat16: the stated agreement with the float32 path (below).
+* The output-major product against numpy's, for each row count it treats differently.
 """
 
 from __future__ import annotations
 
 import functools
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from research import sampling
 from research.models import lora as lora_lib
+from research.models import precision
 from research.models.bert import BertConfig
 from research.models.gpt2 import GPT2Config
 from research.models.llama_config import LlamaConfig
@@ -125,3 +128,14 @@ def test_weights_dtype_is_validated_with_its_choices():
     assert sampling.decoding_weights(model, weights, {"weights_dtype": "bfloat16"}) is weights
     with pytest.raises(ValueError, match="decoding weights are bfloat16"):
         sampling.decoding_weights(model, weights, {})
+
+
+@pytest.mark.parametrize("lead", [(1, 1), (4, 1), (2, 3), (precision.WEIGHT_MAJOR_MAX_ROWS + 1,)])
+def test_out_major_product_is_the_plain_product_for_every_row_count(lead):
+    # One row, a few (weight-major), and more than WEIGHT_MAJOR_MAX_ROWS.
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((*lead, 24), np.float32)
+    weight = rng.standard_normal((40, 24), np.float32)  # [out, in]
+    y = precision.out_major_product(jnp.asarray(x), jnp.asarray(weight), jnp.float32, jnp.float32)
+    assert y.shape == (*lead, 40) and y.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(y), x @ weight.T, rtol=1e-5, atol=1e-5)

@@ -31,6 +31,11 @@ def out_major(x, w):  # [out, in], as research/models/decode_weights.py prepares
     )
 
 
+def weight_major(x, w):  # [out, in] as the left operand, then [out, M] transposed, as
+    # research/models/precision.py's out_major_product runs 2 to 128 float32 rows
+    return lax.optimization_barrier(lax.dot_general(w, x, (((1,), (1,)), ((), ())))).T
+
+
 def out_major_padded(x, w):  # one bfloat16 row padded to two, as decode_weights does
     pad = jnp.concatenate([x, jnp.zeros_like(x)]) if x.shape[0] == 1 else x
     return out_major(pad, w)[: x.shape[0]]
@@ -50,6 +55,7 @@ def main(rows: int) -> None:
     layouts = {
         "in_major float32": (chain(in_major, kernels, rows, 0), kernels),
         "out_major float32": (chain(out_major, transposed, rows, 1), transposed),
+        "out_major float32, weight-major": (chain(weight_major, transposed, rows, 1), transposed),
         "out_major bfloat16": (chain(out_major, bf16, rows, 1), bf16),
         "out_major bfloat16, 1 row padded to 2": (chain(out_major_padded, bf16, rows, 1), bf16),
     }

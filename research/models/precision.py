@@ -30,6 +30,11 @@ def tied_logits(embed: nn.Embed, hidden: jax.Array, dtype: Any) -> jax.Array:
     return out_major_product(hidden, embed.embedding, dtype, dtype).astype(jnp.float32)
 
 
+# Up to this many rows a float32 product runs weight-major (out_major_product); measured
+# faster from 2 to 128 rows for GPT-2 124M's decoding products.
+WEIGHT_MAJOR_MAX_ROWS = 128
+
+
 def out_major_product(x: jax.Array, weight: jax.Array, compute: Any, out_dtype: Any) -> jax.Array:
     """``x [..., in]`` times ``weight [out, in]`` (output-major, as ``torch.nn.Linear`` and the
     token table store it) -> ``[..., out]`` in ``out_dtype``. The operands take the narrowest of
@@ -37,7 +42,16 @@ def out_major_product(x: jax.Array, weight: jax.Array, compute: Any, out_dtype: 
     operand = min((x.dtype, weight.dtype, jnp.dtype(compute)), key=lambda d: jnp.finfo(d).bits)
     lead = x.shape[:-1]
     x, weight = x.astype(operand), weight.astype(operand)
-    single = x.size == x.shape[-1] and operand == jnp.bfloat16
+    rows = x.size // x.shape[-1]
+    if operand == jnp.float32 and 1 < rows <= WEIGHT_MAJOR_MAX_ROWS:
+        # XLA:CPU's float32 kernel for a few rows is faster with the weight as the product's
+        # left operand (out rows, x's rows as columns); the barrier keeps XLA from folding
+        # the transpose back into the product (experiments/bench/README.md, generate).
+        columns = jax.lax.dot_general(
+            weight, x.reshape(rows, -1), (((1,), (1,)), ((), ())), preferred_element_type=out_dtype
+        )
+        return jax.lax.optimization_barrier(columns).T.reshape(*lead, -1)
+    single = rows == 1 and operand == jnp.bfloat16
     if single:
         # XLA:CPU multiplies one bfloat16 row ~10x slower than two (experiments/bench/README.md).
         x = jnp.concatenate([x.reshape(1, -1), jnp.zeros((1, x.shape[-1]), operand)])
