@@ -137,25 +137,30 @@ def make_train_step(
         (grads, sums), _ = jax.lax.scan(micro, (zeros, no_sums), (jnp.arange(accum), batch))
         grads = jax.lax.psum(grads, AXIS)
         loss = jax.lax.psum(sums["text"], AXIS) / tokens
-        # The optimizer's frozen branch (set_to_zero, no state) reads only the structure of
-        # its leaves' gradients: a 0-d zero stands in for each, and its "update" is not applied.
-        placeholders = {p: jnp.zeros((), v.dtype) for p, v in frozen.items()}
-        updates, opt_state = tx.update(
-            _joined(grads, placeholders), state["opt_state"], state["params"]
-        )
-        updates, _ = split_trainable(updates, labels)
-        new_state = {
-            "step": state["step"] + 1,
-            "params": _joined(optax.apply_updates(trainable, updates), frozen),
-            "opt_state": opt_state,
-        }
         grad_norm = optax.tree.norm(grads)
         # Decided on the device, so the loop need not wait for the loss: a diverged step
-        # leaves the state as it was (the loop stops once it fetches the metrics).
+        # leaves the state as it was (the loop stops once it fetches the metrics). A cond, not
+        # a select of new against old: only the taken branch's state exists, so the step does
+        # not hold two copies of parameters and moments (nor rewrite a frozen base).
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        new_state = jax.tree_util.tree_map(
-            lambda new, old: jnp.where(finite, new, old), new_state, state
-        )
+
+        def updated(state):
+            trainable, frozen = split_trainable(state["params"], labels)
+            # The optimizer's frozen branch (set_to_zero, no state) reads only the structure
+            # of its leaves' gradients: a 0-d zero stands in for each, and its "update" is not
+            # applied.
+            placeholders = {p: jnp.zeros((), v.dtype) for p, v in frozen.items()}
+            updates, opt_state = tx.update(
+                _joined(grads, placeholders), state["opt_state"], state["params"]
+            )
+            updates, _ = split_trainable(updates, labels)
+            return {
+                "step": state["step"] + 1,
+                "params": _joined(optax.apply_updates(trainable, updates), frozen),
+                "opt_state": opt_state,
+            }
+
+        new_state = jax.lax.cond(finite, updated, lambda state: state, state)
         metrics = {
             "loss": loss,
             "tokens": tokens,
