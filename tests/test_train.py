@@ -46,6 +46,7 @@ from pathlib import Path
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -62,7 +63,13 @@ from research.train.checkpoint_damage import restore_newest
 from research.train.loss import token_loss_sums
 from research.train.optim import make_optimizer
 from research.train.run_log import read_metrics
-from research.train.steps import init_state, make_train_step, replicate, shard
+from research.train.steps import (
+    init_state,
+    make_train_step,
+    replicate,
+    replicated_init_state,
+    shard,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "tests" / "configs" / "tiny.py"
@@ -642,7 +649,12 @@ class ToyLM(nn.Module):
         return nn.Dense(16)(hidden)
 
 
-def test_train_step_on_its_own_output_does_not_compile_again(caplog):
+@pytest.mark.parametrize(
+    "build",
+    [lambda p, tx, n: replicate(init_state(p, tx), n), replicated_init_state],
+    ids=["replicate", "replicated_init_state"],
+)
+def test_train_step_on_its_own_output_does_not_compile_again(build, caplog):
     """The loop replicates the state, then feeds the step its own output: one compilation.
 
     (State laid out unlike the step's output made the second step compile the whole train step
@@ -655,7 +667,7 @@ def test_train_step_on_its_own_output_does_not_compile_again(caplog):
     tx = optax.adamw(1e-3)
     labels = jax.tree.map(lambda _: "train", params)
     step = make_train_step(model, tx, labels, optax.constant_schedule(1e-3))
-    state = replicate(init_state(params, tx), jax.device_count())
+    state = build(params, tx, jax.device_count())
     seed = replicate(jax.random.key(1), jax.device_count())
     state, _ = step(state, batch, seed)
     with jax.log_compiles(True), caplog.at_level(logging.WARNING):
@@ -664,6 +676,22 @@ def test_train_step_on_its_own_output_does_not_compile_again(caplog):
         jax.block_until_ready(metrics)
     compiled = [record.message[:120] for record in caplog.records if "Compiling" in record.message]
     assert not compiled, compiled
+
+
+def test_state_built_on_the_devices_is_the_replicated_host_state():
+    """``replicated_init_state`` (one jit) gives ``replicate(init_state(...))`` bit for bit,
+    laid out alike, also from parameters committed to one device (as loaded weights can be)."""
+    params = ToyLM().init(jax.random.key(0), {"decoder_ids": np.zeros((2, 6), np.int32)})
+    params = {**params["params"], "bfloat16_scale": jnp.full((3,), 0.3, jnp.bfloat16)}
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3))
+    for devices in sorted({1, jax.local_device_count()}):
+        for given in (params, jax.device_put(params, jax.local_devices()[0])):
+            built = replicated_init_state(given, tx, devices)
+            expected = replicate(init_state(params, tx), devices)
+            assert jax.tree.structure(built) == jax.tree.structure(expected)
+            for got, want in zip(jax.tree.leaves(built), jax.tree.leaves(expected), strict=True):
+                assert got.sharding == want.sharding and got.dtype == want.dtype
+                np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
 def test_train_step_is_adamw_on_the_mean_loss_and_skips_a_nonfinite_step():

@@ -23,7 +23,7 @@ from research.models.generator import (
     param_group,
 )
 from research.train.optim import make_optimizer, trainable_labels
-from research.train.steps import init_state, make_train_step, replicate, shard
+from research.train.steps import make_train_step, replicate, replicated_init_state, shard
 
 
 def lm_model(setup: Setup, decoding: bool = False) -> Generator:
@@ -104,7 +104,7 @@ class TrainStep:
         self.step = make_train_step(model, tx, trainable_labels(params, trainable), schedule)
         # Laid out as the training loop lays them out: [devices, ...] state and key, batches
         # [devices, accum, rows, ...] (the batch goes in as host arrays, as the loop's do).
-        self.state = replicate(init_state(params, tx), 1)
+        self.state = replicated_init_state(params, tx, 1)
         self.key = replicate(jax.random.key(0), 1)
         self.batch = shard(batch, 1, 1)
 

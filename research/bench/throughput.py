@@ -34,7 +34,13 @@ from research.models.generator import Generator, GeneratorSpec
 from research.models.gpt2 import GPT2Config
 from research.train.feature_cache import FeatureCache, encode_function
 from research.train.optim import make_optimizer, trainable_labels
-from research.train.steps import init_state, make_train_step, replicate, shard, to_devices
+from research.train.steps import (
+    make_train_step,
+    replicate,
+    replicated_init_state,
+    shard,
+    to_devices,
+)
 
 FROZEN = ("decoder", "conditioning")
 METHODS = ("prefix", "cross_attention")
@@ -88,7 +94,7 @@ class CachedFeatureStep:
         tx = make_optimizer(params, FROZEN, schedule)
         labels = trainable_labels(params, FROZEN)
         self.step = make_train_step(model.clone(frozen_encoder=True), tx, labels, schedule)
-        self.state = replicate(init_state(params, tx), 1)
+        self.state = replicated_init_state(params, tx, 1)
         self.key = replicate(jax.random.key(0), 1)
         self.batch = batch
 
@@ -262,7 +268,7 @@ def measure_loop_overhead(run) -> list[dict[str, Any]]:
         key = replicate(trainer.dropout_seed, devices)
 
         def bare() -> float:
-            state = replicate(init_state(trainer.initial_params, tx), devices)
+            state = replicated_init_state(trainer.initial_params, tx, devices)
             state, _ = step_fn(state, batches[0], key)  # compiled already after the first
             jax.block_until_ready(state)
             start = time.perf_counter()

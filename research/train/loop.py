@@ -54,6 +54,7 @@ from research.train.steps import (
     make_train_step,
     release_compiled_steps,
     replicate,
+    replicated_init_state,
     shard,
     to_devices,
 )
@@ -138,6 +139,22 @@ class Trainer:
         self.initial_params = frozen_init.cast_base(cfg, params)
         self.eval_step = make_eval_step(self.model)
         self.features: feature_cache.FeatureCache | None = None
+
+    def state_on_devices(self, restored, tx) -> dict:
+        """The replicated train state: ``restored`` (host arrays) or, when None, a fresh one.
+
+        The initial parameters keep only their shapes from then on (the optimizer, the steps'
+        labels and a checkpoint's target read nothing else): the state holds its own copy, and
+        the run would otherwise hold a second copy of the model to its end.
+        """
+        if restored is None:
+            state = replicated_init_state(self.initial_params, tx, self.devices)
+        else:
+            state = replicate(restored, self.devices)
+        self.initial_params = jax.tree_util.tree_map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self.initial_params
+        )
+        return state
 
     def use_features(self, stage: int, params) -> None:
         """Read a frozen encoder's features from the cache in ``stage``; run it live otherwise."""
@@ -277,25 +294,29 @@ def _start(cfg: ml_collections.ConfigDict, workdir: Path):
         return {**target, "params": frozen_init.without(target["params"], left_out)}
 
     resumed = restore_newest(checkpoints, target_for)
-    start = None
+    start, state = None, None
     if resumed is None:
-        state = init_state(trainer.initial_params, trainer.optimizer(progress.stage))
         if primary:
             print(parameter_summary(trainer.initial_params, _trainable(cfg, progress.stage)))
     else:
         start, state, meta = resumed
+        del resumed  # the restored host state is freed once it is on the devices
         where = checkpoints.directory / str(start)
         _check_config_hash(cfg, meta, where)
         left_out = meta.get(frozen_init.META_KEY, {})
         frozen_init.check_unchanged(left_out, trainer.frozen, f"checkpoint {where}")
-        bases = {part: frozen_init.base_of(trainer.initial_params, part) for part in left_out}
-        state["params"] = frozen_init.with_base(state["params"], bases)
+        state["params"] = frozen_init.with_base(
+            state["params"],
+            {part: frozen_init.base_of(trainer.initial_params, part) for part in left_out},
+        )
         progress = Progress(**meta["progress"])
         data.restore(progress.data)
         if primary:
             print(f"Resuming {workdir} from step {start} (stage {progress.stage}).")
     tx = trainer.optimizer(progress.stage, progress.stage2_start)
-    trainer.use_features(progress.stage, state["params"])
+    trainer.use_features(
+        progress.stage, trainer.initial_params if state is None else state["params"]
+    )
     if primary:
         # Also without a checkpoint: a run killed before its first save logged steps it redoes.
         _truncate_metrics(workdir, start or 0)
@@ -303,6 +324,7 @@ def _start(cfg: ml_collections.ConfigDict, workdir: Path):
             dataset.report["encoder_feature_cache"] = trainer.features.report()
             write_json(workdir / REPORT_FILE, dataset.report)
     with compile_log() if primary else contextlib.nullcontext():
+        state = trainer.state_on_devices(state, tx)
         return _run(cfg, workdir, trainer, checkpoints, progress, data, tx, state, start or 0)
 
 
@@ -371,7 +393,6 @@ def _run(cfg, workdir, trainer, checkpoints, progress, data, tx, state, step):
     primary = distributed.is_primary()
     log = MetricsLog(workdir, primary, cfg.train.tensorboard)
     step_fn = trainer.train_step(progress.stage, tx)
-    state = replicate(state, trainer.devices)
     seed_key = replicate(trainer.dropout_seed, trainer.devices)
     stop = _StopRequest()
     bar = progress_bar(
@@ -464,11 +485,13 @@ def _run(cfg, workdir, trainer, checkpoints, progress, data, tx, state, step):
                 progress.stage2_start = step
                 tx = trainer.optimizer(2, step)
                 params = _host(state["params"])
-                fresh = init_state(params, tx)
-                fresh["step"] = _host(state["step"])
-                state = replicate(fresh, trainer.devices)
+                state = {
+                    **replicated_init_state(params, tx, trainer.devices),
+                    "step": replicate(_host(state["step"]), trainer.devices),
+                }
                 step_fn = trainer.train_step(2, tx)
                 trainer.use_features(2, params)
+                del params  # the host copy: the state holds the parameters
                 if upcoming is not None:  # made for stage 1's encoder inputs
                     upcoming = (upcoming[0], on_devices(upcoming[0]), upcoming[2])
                 if primary:

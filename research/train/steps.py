@@ -31,6 +31,25 @@ def init_state(params: dict[str, Any], tx: optax.GradientTransformation) -> Stat
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
 
 
+def replicated_init_state(
+    params: dict[str, Any], tx: optax.GradientTransformation, devices: int
+) -> State:
+    """:func:`init_state` of ``params`` laid out as :func:`replicate` lays it out.
+
+    One jitted function builds it on the devices: no unreplicated state (the optimizer's zero
+    moments) exists beside the replicated one, as ``replicate(init_state(...))`` makes. The
+    state holds its own copy of ``params``; the caller's may be freed.
+    """
+    sharding = _mesh_sharding(devices)
+    whole = NamedSharding(sharding.mesh, PartitionSpec())  # every device reads all of params
+
+    def replicated_state(params):
+        state = init_state(params, tx)
+        return jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x, (devices, *x.shape)), state)
+
+    return jax.jit(replicated_state, in_shardings=whole, out_shardings=sharding)(params)
+
+
 def dropout_key(seed_key: jax.Array, step: jax.Array, micro_step: int | jax.Array) -> jax.Array:
     """Dropout randomness from (seed, step, device, micro-step) only: runs replay exactly.
 
