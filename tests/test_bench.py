@@ -252,6 +252,7 @@ def test_targets_and_card_peaks():
     assert target_for("cpu", "generate", "batch 16, bfloat16 weights")[0] == ">= 2x"
     assert target_for("cpu", "generate", "batch 1, bfloat16 weights")[0] == ">= 1.5x"
     assert not target_for("cpu", "compile", "sampler")[1]({"ours": 12.0})
+    assert not target_for("cpu", "memory", "training, 3 steps")[1]({"ratio": 1.12})
     assert not target_for("cpu", "compile", "train step, warm persistent cache")[1]({"ours": 4.0})
     prefix = target_for("cpu", "train_frozen_encoder", "prefix, 64 x (256 encoder + 22) tokens")
     cross = target_for("cpu", "train_frozen_encoder", "cross_attention, 64 x (256 + 22)")

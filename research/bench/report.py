@@ -21,6 +21,8 @@ def target_for(
             return ">= 1.5x", lambda r: r["ratio"] is not None and r["ratio"] >= 1.5
         if measurement == "generate" and batch == "batch 16":
             return ">= 2x", lambda r: r["ratio"] is not None and r["ratio"] >= 2.0
+        if measurement == "memory":  # issue 19: training peak at most PyTorch's
+            return "<= 1x", lambda r: r["ratio"] is not None and r["ratio"] <= 1.0
     if setup in ("cpu", "gpu") and measurement == "train_frozen_encoder":
         least = 3.0 if case.startswith("prefix") else 2.0
         return f">= {least:g}x", lambda r: r["ratio"] is not None and r["ratio"] >= least
