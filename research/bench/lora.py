@@ -186,21 +186,34 @@ CHILDREN = (("ours", "lora"), ("ours", "full"), ("reference", "lora"))
 GB = 1e9
 
 
-def _child_result(run, side: str, mode: str, shape: LoRAShape, layers: int | None):
-    """``python -m research.bench lora SIDE SPEC`` in a fresh process -> its JSON line."""
-    if side == "ours":
-        spec = {"setup": run.setup.name, "shape": shape.name, "mode": mode, "layers": layers}
-    else:
-        spec = reference_spec(run.setup, shape) | {"device": run.reference_device}
+def _child_results(run, wanted: dict[Any, tuple[str, str, LoRAShape, int | None]]) -> dict:
+    """``{key: (side, mode, shape, layers)}`` -> ``{key: JSON line}`` of each
+    ``python -m research.bench lora SIDE SPEC``, a fresh process. Real runs start them one
+    after another (each has the machine's memory to itself); the smoke run (tiny models, and
+    the test suite waits for it) starts them all at once."""
     env = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
-    cmd = [sys.executable, "-m", "research.bench", "lora", side, json.dumps(spec)]
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(
-            f"benchmark child lora {side} {mode} {shape.name} failed (exit {done.returncode}):\n"
-            + done.stderr[-3000:]
-        )
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    started, outputs = {}, {}
+    for key, (side, mode, shape, layers) in wanted.items():
+        if side == "ours":
+            spec = {"setup": run.setup.name, "shape": shape.name, "mode": mode, "layers": layers}
+        else:
+            spec = reference_spec(run.setup, shape) | {"device": run.reference_device}
+        cmd = [sys.executable, "-m", "research.bench", "lora", side, json.dumps(spec)]
+        pipe = subprocess.PIPE
+        started[key] = subprocess.Popen(cmd, stdout=pipe, stderr=pipe, text=True, env=env)
+        if run.setup.name != "smoke":
+            outputs[key] = started[key].communicate()
+    results = {}
+    for key, child in started.items():
+        out, err = outputs.get(key) or child.communicate()
+        if child.returncode != 0:
+            side, mode, shape, _ = wanted[key]
+            raise RuntimeError(
+                f"benchmark child lora {side} {mode} {shape.name} failed (exit {child.returncode}):"
+                "\n" + err[-3000:]
+            )
+        results[key] = json.loads(out.strip().splitlines()[-1])
+    return results
 
 
 def _memory(side: dict[str, Any]) -> float:
@@ -255,11 +268,14 @@ def measure_memory_lora(run) -> list[dict[str, Any]]:
             for case in (versus_full, versus_peft):
                 rows.append(_row(name, case, shape, None, None, not_run=note, **sizes))
             continue
-        got = {
-            (side, mode): _child_result(run, side, mode, shape, None)
-            for side, mode in CHILDREN
-            if fits[_kind(side, mode)] and (side == "ours" or run.reference_device is not None)
-        }
+        got = _child_results(
+            run,
+            {
+                (side, mode): (side, mode, shape, None)
+                for side, mode in CHILDREN
+                if fits[_kind(side, mode)] and (side == "ours" or run.reference_device is not None)
+            },
+        )
         children = {f"{s}_{m}": r for (s, m), r in got.items()}
         mine = _memory(got["ours", "lora"])
         if fits["full"]:
@@ -285,7 +301,7 @@ def _row_cut(run, shape: LoRAShape, need: int, budget: int, case: str, sizes: di
     if layers is None:
         return _row(shape.name, case, shape, None, None, not_run=note, **sizes)
     cut = lora_shape(run.setup, shape.name, layers)
-    pair = {mode: _child_result(run, "ours", mode, cut, layers) for mode in MODES}
+    pair = _child_results(run, {mode: ("ours", mode, cut, layers) for mode in MODES})
     return _row(
         shape.name,
         f"{layers} of {depth} layers, {case}",
