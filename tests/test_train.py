@@ -694,14 +694,16 @@ def test_state_built_on_the_devices_is_the_replicated_host_state():
                 np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
-def test_train_step_is_adamw_on_the_mean_loss_and_skips_a_nonfinite_step():
+@pytest.mark.parametrize("one_device", [True, False], ids=["one_device", "all_devices"])
+def test_train_step_is_adamw_on_the_mean_loss_and_skips_a_nonfinite_step(one_device):
     """One step equals optax's AdamW applied, outside the step, to the gradient of the mean
     token loss over the whole batch (a second code path); a step whose loss is NaN returns the
-    state as it was, step counter included."""
+    state as it was, step counter included. On one device the step sums nothing over devices
+    (no all-reduce), on several it sums the devices' shares."""
     model = ToyLM()
     ids = np.arange(48, dtype=np.int32).reshape(8, 6) * 5 % 16
     host = {"decoder_ids": ids, "decoder_mask": np.ones_like(ids)}
-    devices = jax.device_count()
+    devices = 1 if one_device else jax.device_count()
     batch = shard(host, devices, 1)
     params = model.init(jax.random.key(0), host)["params"]
     tx = optax.adamw(1e-2, weight_decay=0.1)
