@@ -27,6 +27,7 @@ from research.models.generator import Generator
 from research.models.gpt2 import GPT2Config
 from research.sampling import runner
 from research.sampling.processors import repetition_penalized
+from research.sampling.search import first_argmax
 from tests.conftest import (
     TINY_ENCODER,
     TINY_GPT2,
@@ -189,6 +190,22 @@ def test_repetition_penalty_matches_transformers():
     counted = np.zeros(history.shape, bool)
     ours = repetition_penalized(jnp.asarray(logits), jnp.asarray(history), counted, 1.3)
     np.testing.assert_array_equal(np.asarray(ours), logits)
+
+
+def test_first_argmax_equals_numpy_argmax():
+    """Greedy's argmax against numpy's: ties (few distinct values) go to the first index, a
+    NaN wins (the first one), a row of -inf gives 0; a GPT-2-sized vocabulary too."""
+    rng = np.random.default_rng(0)
+    logits = rng.integers(-3, 3, (8, 50257)).astype(np.float32)
+    logits[1, [7, 900]] = np.nan
+    logits[2] = -np.inf
+    logits[3, -1] = 10.0  # the last column
+    expected = np.argmax(logits, axis=-1)
+    assert len(set(expected.tolist())) > 2  # not every row's answer is the same
+    ours = jax.jit(first_argmax)(jnp.asarray(logits))
+    np.testing.assert_array_equal(np.asarray(ours), expected)
+    small = rng.normal(size=(5, 3, 11)).astype(np.float32)  # leading axes, small vocabulary
+    np.testing.assert_array_equal(np.asarray(first_argmax(small)), np.argmax(small, axis=-1))
 
 
 def test_repeated_ngrams_match_transformers():
