@@ -64,6 +64,7 @@ from research.train.loss import token_loss_sums
 from research.train.optim import make_optimizer
 from research.train.run_log import read_metrics
 from research.train.steps import (
+    compile_ahead,
     init_state,
     make_train_step,
     replicate,
@@ -649,6 +650,20 @@ class ToyLM(nn.Module):
         return nn.Dense(16)(hidden)
 
 
+def toy_training(build=replicated_init_state):
+    """``(step, state, batch, seed_key)``: a new pmapped train step of :class:`ToyLM` and its
+    inputs on every device, the state made by ``build(params, tx, devices)``."""
+    model = ToyLM()
+    ids = np.arange(48, dtype=np.int32).reshape(8, 6) % 16
+    batch = shard({"decoder_ids": ids, "decoder_mask": np.ones_like(ids)}, jax.device_count(), 1)
+    params = model.init(jax.random.key(0), {"decoder_ids": ids})["params"]
+    tx = optax.adamw(1e-3)
+    labels = jax.tree.map(lambda _: "train", params)
+    step = make_train_step(model, tx, labels, optax.constant_schedule(1e-3))
+    state = build(params, tx, jax.device_count())
+    return step, state, batch, replicate(jax.random.key(1), jax.device_count())
+
+
 @pytest.mark.parametrize(
     "build",
     [lambda p, tx, n: replicate(init_state(p, tx), n), replicated_init_state],
@@ -660,15 +675,7 @@ def test_train_step_on_its_own_output_does_not_compile_again(build, caplog):
     (State laid out unlike the step's output made the second step compile the whole train step
     again, as long as the first compile.)
     """
-    model = ToyLM()
-    ids = np.arange(48, dtype=np.int32).reshape(8, 6) % 16
-    batch = shard({"decoder_ids": ids, "decoder_mask": np.ones_like(ids)}, jax.device_count(), 1)
-    params = model.init(jax.random.key(0), {"decoder_ids": ids})["params"]
-    tx = optax.adamw(1e-3)
-    labels = jax.tree.map(lambda _: "train", params)
-    step = make_train_step(model, tx, labels, optax.constant_schedule(1e-3))
-    state = build(params, tx, jax.device_count())
-    seed = replicate(jax.random.key(1), jax.device_count())
+    step, state, batch, seed = toy_training(build)
     state, _ = step(state, batch, seed)
     with jax.log_compiles(True), caplog.at_level(logging.WARNING):
         for _ in range(2):
@@ -676,6 +683,24 @@ def test_train_step_on_its_own_output_does_not_compile_again(build, caplog):
         jax.block_until_ready(metrics)
     compiled = [record.message[:120] for record in caplog.records if "Compiling" in record.message]
     assert not compiled, compiled
+
+
+def test_a_step_compiled_ahead_compiles_nothing_more_and_equals_a_plain_step(caplog):
+    """``compile_ahead`` leaves the call path as it was: its first call compiles nothing, still
+    donates the state, and gives bit for bit what a step compiled by its own first call gives
+    (a second code path: another step from ``make_train_step``, not compiled ahead)."""
+    plain, state, batch, seed = toy_training()
+    want = plain(state, batch, seed)
+    step, state, batch, seed = toy_training()
+    compile_ahead(step, state, batch, seed)
+    assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(state))  # only read
+    with jax.log_compiles(True), caplog.at_level(logging.WARNING):
+        got = step(state, batch, seed)
+        jax.block_until_ready(got)
+    compiled = [record.message[:120] for record in caplog.records if "Compiling" in record.message]
+    assert not compiled, compiled
+    assert all(leaf.is_deleted() for leaf in jax.tree.leaves(state))  # donated to the step
+    assert_bitwise_equal(got, want, "the step compiled ahead")
 
 
 def test_state_built_on_the_devices_is_the_replicated_host_state():

@@ -23,7 +23,13 @@ from research.models.generator import (
     param_group,
 )
 from research.train.optim import make_optimizer, trainable_labels
-from research.train.steps import make_train_step, replicate, replicated_init_state, shard
+from research.train.steps import (
+    compile_ahead,
+    make_train_step,
+    replicate,
+    replicated_init_state,
+    shard,
+)
 
 
 def lm_model(setup: Setup, decoding: bool = False) -> Generator:
@@ -89,7 +95,9 @@ class TrainStep:
     """``research.train.steps.make_train_step`` (loss, gradients, clipped AdamW) on one device.
 
     The ``trainable`` groups train (default: all), the learning rate is constant; ``__call__`` runs one step on the same
-    batch and returns the loss as a Python float (which waits for the step to finish).
+    batch and returns the loss as a Python float (which waits for the step to finish). The
+    first call compiles the step ahead of running it, as the training loop does
+    (``research.train.steps.compile_ahead``).
     """
 
     def __init__(
@@ -107,8 +115,12 @@ class TrainStep:
         self.state = replicated_init_state(params, tx, 1)
         self.key = replicate(jax.random.key(0), 1)
         self.batch = shard(batch, 1, 1)
+        self.compiled = False
 
     def __call__(self) -> float:
+        if not self.compiled:
+            compile_ahead(self.step, self.state, self.batch, self.key)
+            self.compiled = True
         self.state, metrics = self.step(self.state, self.batch, self.key)
         return float(metrics["loss"][0])
 

@@ -49,6 +49,7 @@ from research.train.run_log import (
     write_json,
 )
 from research.train.steps import (
+    compile_ahead,
     init_state,
     make_eval_step,
     make_train_step,
@@ -431,6 +432,8 @@ def _run(cfg, workdir, trainer, checkpoints, progress, data, tx, state, step):
         )
 
     upcoming = next_batch() if step < cfg.train.steps else None
+    if upcoming is not None:
+        compile_ahead(step_fn, state, upcoming[1], seed_key)
     with stop.installed():
         while step < cfg.train.steps:
             _, batch, progress.data = upcoming
@@ -492,8 +495,9 @@ def _run(cfg, workdir, trainer, checkpoints, progress, data, tx, state, step):
                 step_fn = trainer.train_step(2, tx)
                 trainer.use_features(2, params)
                 del params  # the host copy: the state holds the parameters
-                if upcoming is not None:  # made for stage 1's encoder inputs
+                if step < cfg.train.steps:  # made for stage 1's encoder inputs
                     upcoming = (upcoming[0], on_devices(upcoming[0]), upcoming[2])
+                    compile_ahead(step_fn, state, upcoming[1], seed_key)
                 if primary:
                     bar.write(f"step {step}: stage 2, training {_trainable(cfg, 2)}")
             # The switch point is a resume point.

@@ -21,6 +21,7 @@ import optax
 from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from research import allocator
 from research.train.loss import rating_loss_sums, target_weights, token_loss_sums
 
 AXIS = "devices"
@@ -196,6 +197,20 @@ def make_train_step(
         return new_state, metrics
 
     return jax.pmap(step, axis_name=AXIS, donate_argnums=(0,) if donate else ())
+
+
+def compile_ahead(step: Callable, *args: Any) -> None:
+    """Compile the pmapped ``step`` for ``args`` before its first call, then hand the memory
+    compiling it freed back to the OS (:func:`research.allocator.trim_heap`).
+
+    ``step(*args)`` then finds the executable in the cache of its usual call path (pmap's
+    ``lower`` traces and compiles the same jitted function) and compiles nothing: donation and
+    shardings are the call's own, and ``args`` are only read for their shapes and layout
+    (nothing is donated here). Compiling inside the first call instead left the freed memory in
+    the process under the step's temporaries (experiments/bench/README.md, memory).
+    """
+    step.lower(*args).compile()
+    allocator.trim_heap()
 
 
 def release_compiled_steps() -> None:
