@@ -6,7 +6,8 @@
   beam search against transformers' ``generate`` run through the same weights in
   tests/test_sampling.py and tests/test_llama_pipeline.py.)
 * bfloat16: the stated agreement with the float32 path (below).
-* The output-major product against numpy's, for each row count it treats differently.
+* The output-major product against numpy's, for each row count it treats differently, in
+  float32 and bfloat16.
 """
 
 from __future__ import annotations
@@ -130,12 +131,16 @@ def test_weights_dtype_is_validated_with_its_choices():
         sampling.decoding_weights(model, weights, {})
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("lead", [(1, 1), (4, 1), (2, 3), (precision.WEIGHT_MAJOR_MAX_ROWS + 1,)])
-def test_out_major_product_is_the_plain_product_for_every_row_count(lead):
-    # One row, a few (weight-major), and more than WEIGHT_MAJOR_MAX_ROWS.
+def test_out_major_product_is_the_plain_product_for_every_row_count(lead, dtype):
+    # One row (padded to two in bfloat16), a few (weight-major), and more than
+    # WEIGHT_MAJOR_MAX_ROWS. bfloat16: the operands rounded, the sum in float32.
     rng = np.random.default_rng(0)
     x = rng.standard_normal((*lead, 24), np.float32)
-    weight = rng.standard_normal((40, 24), np.float32)  # [out, in]
-    y = precision.out_major_product(jnp.asarray(x), jnp.asarray(weight), jnp.float32, jnp.float32)
+    weight = jnp.asarray(rng.standard_normal((40, 24), np.float32), dtype)  # [out, in]
+    y = precision.out_major_product(jnp.asarray(x), weight, jnp.float32, jnp.float32)
     assert y.shape == (*lead, 40) and y.dtype == jnp.float32
-    np.testing.assert_allclose(np.asarray(y), x @ weight.T, rtol=1e-5, atol=1e-5)
+    rounded = np.asarray(jnp.asarray(x, dtype).astype(jnp.float32))
+    expected = rounded @ np.asarray(weight.astype(jnp.float32)).T
+    np.testing.assert_allclose(np.asarray(y), expected, rtol=1e-5, atol=1e-5)

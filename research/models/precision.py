@@ -30,7 +30,7 @@ def tied_logits(embed: nn.Embed, hidden: jax.Array, dtype: Any) -> jax.Array:
     return out_major_product(hidden, embed.embedding, dtype, dtype).astype(jnp.float32)
 
 
-# Up to this many rows a float32 product runs weight-major (out_major_product); measured
+# Up to this many rows a product runs weight-major (out_major_product); measured
 # faster from 2 to 128 rows for GPT-2 124M's decoding products.
 WEIGHT_MAJOR_MAX_ROWS = 128
 
@@ -43,10 +43,12 @@ def out_major_product(x: jax.Array, weight: jax.Array, compute: Any, out_dtype: 
     lead = x.shape[:-1]
     x, weight = x.astype(operand), weight.astype(operand)
     rows = x.size // x.shape[-1]
-    if operand == jnp.float32 and 1 < rows <= WEIGHT_MAJOR_MAX_ROWS:
+    if 1 < rows <= WEIGHT_MAJOR_MAX_ROWS:
         # XLA:CPU's float32 kernel for a few rows is faster with the weight as the product's
         # left operand (out rows, x's rows as columns); the barrier keeps XLA from folding
         # the transpose back into the product (experiments/bench/README.md, generate).
+        # bfloat16 too: as the right operand inside the decoding loop, XLA gave every weight
+        # a transposed copy (once per generate call) and the products ran slower on it.
         columns = jax.lax.dot_general(
             weight, x.reshape(rows, -1), (((1,), (1,)), ((), ())), preferred_element_type=out_dtype
         )
