@@ -4,7 +4,9 @@ the full Amazon file end to end, and ``data_stats``."""
 from __future__ import annotations
 
 import json
+import os
 import pickle
+import stat
 import time
 
 import numpy as np
@@ -229,6 +231,20 @@ def test_tokenisation_cache_is_reused_and_keyed_by_settings(tmp_path, monkeypatc
     # Another setting, or other data under the same settings, is another key.
     load_dataset(small_synthetic(cache_dir=cfg.cache_dir, max_encoder_tokens=64))
     assert len(list((tmp_path / "cache").glob("*.npz"))) == 2
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_tokenisation_cache_file_has_the_mode_of_any_new_file(umask, tmp_path):
+    """Shared cache folders: the .npz is readable as a file ``open()`` makes (0o666 less the
+    umask), not private like the temporary file it is written under."""
+    previous = os.umask(umask)
+    try:
+        load_dataset(small_synthetic(cache_dir=str(tmp_path / "cache")))
+    finally:
+        os.umask(previous)
+    (written,) = (tmp_path / "cache").iterdir()
+    assert written.suffix == ".npz"
+    assert stat.S_IMODE(written.stat().st_mode) == 0o666 & ~umask
 
 
 def test_cache_key_follows_the_data_file(tmp_path):

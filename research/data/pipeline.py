@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +29,7 @@ from research.data.encoder_inputs import encoder_rows, training_histories
 from research.data.loaders import LoadedData, load_records
 from research.data.records import Review
 from research.data.splits import seeded_split, seeded_subset
+from research.files import atomic_write
 
 # Bump when the cached arrays would change for the same key (a change in how they are built).
 CACHE_VERSION = 1
@@ -231,10 +230,12 @@ def _cached_arrays(path: Path, positions: dict[str, list[int]]) -> dict[str, np.
 
 def _save_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    # Write then rename, so a crash or a concurrent reader never sees half a file.
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as file:
-        np.savez(file, **arrays)
-    os.replace(file.name, path)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as file:  # a file object: np.savez would append ".npz" to a name
+            np.savez(file, **arrays)
+
+    atomic_write(path, write)
 
 
 def _split_positions(cfg, loaded: LoadedData) -> dict[str, list[int]]:

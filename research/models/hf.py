@@ -14,9 +14,7 @@ the third column saying how the tensor's layout changes (``research/models/famil
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from research.files import atomic_write
 from research.models import families
 from research.models.families import KEEP, TRANSPOSE, HFConversion
 
@@ -282,26 +281,6 @@ def save_pretrained(folder: str | Path, model: Any, params: dict[str, Any]) -> P
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config = json.dumps(model.config.to_hf_dict(), indent=2, sort_keys=True) + "\n"
-    _atomic_write(folder / "model.safetensors", lambda p: save_file(tensors, p))
-    _atomic_write(folder / "config.json", lambda p: Path(p).write_text(config))
+    atomic_write(folder / "model.safetensors", lambda p: save_file(tensors, p))
+    atomic_write(folder / "config.json", lambda p: Path(p).write_text(config))
     return folder
-
-
-def _atomic_write(path: Path, write: Callable[[str], Any]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        # mkstemp (and safetensors) create files private (0o600); give it a new file's mode.
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _umask() -> int:
-    """The process's umask (reading it means setting it: set back at once)."""
-    umask = os.umask(0o077)
-    os.umask(umask)
-    return umask
