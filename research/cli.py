@@ -11,7 +11,7 @@
   research config   --config experiments/configs/NAME.py [--config.x=y ...]   (or --workdir DIR)
   research data stats --config experiments/configs/NAME.py
   research params   --config experiments/configs/NAME.py
-  research bench    [--only NAME] [--json FILE] [--smoke]
+  research bench    [--only NAME] [--json FILE [--append]] [--smoke]
   research demo     [--workdir DIR]
 
 Each command's heavy imports happen inside it, so ``research --help`` answers at once.
@@ -124,7 +124,8 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="speed benchmarks side by side with PyTorch")
     p.add_argument("--only", action="append", help="run only this measurement (repeatable)")
-    p.add_argument("--json", help="write JSON lines here")
+    p.add_argument("--json", help="write JSON lines here (replacing the file's)")
+    p.add_argument("--append", action="store_true", help="add to the --json file's lines")
     p.add_argument("--smoke", action="store_true", help="tiny shapes: checks it runs, fast")
 
     p = sub.add_parser("demo", help="the README's main job on the synthetic corpus")
@@ -270,7 +271,7 @@ def _dispatch(args, overrides, argv) -> int | None:
     elif args.command == "bench":
         from research.bench.run import run_bench
 
-        run_bench(only=args.only, json_path=args.json, smoke=args.smoke)
+        run_bench(only=args.only, json_path=args.json, smoke=args.smoke, append=args.append)
     elif args.command == "demo":
         from research.demo import run_demo
 

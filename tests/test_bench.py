@@ -216,6 +216,52 @@ def test_unknown_measurement_is_rejected_with_the_valid_names():
         run_bench(only=["train_lm", "speed"], smoke=True)
 
 
+class _FakeRun:
+    """A run without measuring: its peak only counts the samples taken."""
+
+    def __init__(self, setup):
+        self.setup, self.samples = setup, 0
+
+    def sample_peak(self):
+        self.samples += 1
+
+
+def test_json_is_replaced_or_appended_to_with_the_final_mfu(monkeypatch, tmp_path):
+    """Two runs into one file: without ``append`` the second run's rows replace the file's,
+    with it they follow them; either way the rows rewritten against the run's final peak are
+    this run's alone."""
+    from research.bench import run as run_module
+
+    calls = iter(range(10))
+
+    def measure(run):
+        case = f"call {next(calls)}"
+        row = {"ours": None, "reference": None, "unit": "tokens/s", "ratio": None}
+        return [{"measurement": "train_lm", "case": case, "model_flops_per_step": 1, **row}]
+
+    monkeypatch.setattr(run_module, "Run", _FakeRun)
+    monkeypatch.setattr(run_module, "MEASURE", {"train_lm": measure})
+    # In place of the MFU: the peak samples its run had taken by the end (before it, at the end).
+    final = lambda row, run: {**row, "samples": run.samples}  # noqa: E731
+    monkeypatch.setattr(run_module, "final_mfu", final)
+    path = tmp_path / "bench.jsonl"
+    path.write_text('{"earlier": true}\n')
+
+    def lines():
+        return [json.loads(line) for line in path.read_text().splitlines()]
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        run_bench(only=["train_lm"], json_path=str(path), smoke=True, append=True)
+        assert [line.get("case") for line in lines()] == [None, "call 0"]
+        run_bench(only=["train_lm"], json_path=str(path), smoke=True, append=True)
+        assert [line.get("case") for line in lines()] == [None, "call 0", "call 1"]
+        assert [line.get("samples") for line in lines()[1:]] == [2, 2]
+        run_bench(only=["train_lm"], json_path=str(path), smoke=True)
+        assert [(line["case"], line["samples"]) for line in lines()] == [("call 2", 2)]
+    with pytest.raises(ConfigError, match="--append adds to a --json FILE"):
+        run_bench(only=["train_lm"], smoke=True, append=True)
+
+
 @pytest.mark.parametrize("decoder", ["gpt2", "llama"])
 def test_lm_flops_formula_equals_matmuls_counted_on_the_jaxpr(decoder):
     """6 N + 12 L d T per token == 3 x the forward's matrix products, counted one by one."""

@@ -15,10 +15,14 @@ from research.bench.report import markdown_table, target_for
 
 
 def run_bench(
-    only: list[str] | None = None, json_path: str | None = None, smoke: bool = False
+    only: list[str] | None = None,
+    json_path: str | None = None,
+    smoke: bool = False,
+    append: bool = False,
 ) -> list[dict[str, Any]]:
-    """Run the measurements (all, or ``only`` these), write JSON lines to ``json_path``, print
-    the Markdown table; returns the rows."""
+    """Run the measurements (all, or ``only`` these), write JSON lines to ``json_path`` (after
+    the lines it holds if ``append``, else replacing them), print the Markdown table; returns
+    the rows."""
     from research.config import ConfigError
 
     names = list(only) if only else list(MEASUREMENTS)
@@ -27,6 +31,8 @@ def run_bench(
         raise ConfigError(
             f"bench --only {unknown[0]!r}: valid measurements are {list(MEASUREMENTS)}"
         )
+    if append and not json_path:
+        raise ConfigError("bench --append adds to a --json FILE: give one")
     import transformers
 
     transformers.logging.set_verbosity_error()
@@ -34,7 +40,9 @@ def run_bench(
     # up front (this works when nothing has started JAX's backend yet, as under the CLI).
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     run = Run(make_setup(default_setup_name(smoke)))
-    out = open(json_path, "w") if json_path else None  # noqa: SIM115 (rows stream in as they finish)
+    # Rows stream in as they finish (with append, after the file's lines).
+    out = open(json_path, "a" if append else "w") if json_path else None  # noqa: SIM115
+    start_offset = out.tell() if out is not None else 0  # where this run's lines begin
     rows: list[dict[str, Any]] = []
     try:
         for name in names:
@@ -53,8 +61,8 @@ def run_bench(
         if any("model_flops_per_step" in row for row in rows):
             run.sample_peak()
             rows = [final_mfu(row, run) for row in rows]
-            if out is not None:  # the rows again, against the run's best peak
-                out.seek(0)
+            if out is not None:  # this run's rows again, against the run's best peak
+                out.seek(start_offset)
                 out.truncate()
                 out.writelines(json.dumps(row) + "\n" for row in rows)
     finally:
