@@ -262,8 +262,10 @@ def incremental_and_full(
 ):
     """Three left-padded rows (lengths 8, 6, 5; padding only inside the 4-token prompt):
     ``(logits of prefill + one-token decode steps, logits of the full forward, ids, mask)``,
-    logits ``[3, 8, vocab]``, token ids drawn below ``token_high``. Decoding reads its weights
-    in ``weights_dtype``; the full forward reads ``params`` as they are."""
+    logits ``[3, 5, vocab]`` at the positions decoding computes (the prompt's last, then each
+    fed token's; all real), ids and mask ``[3, 8]``, token ids drawn below ``token_high``.
+    Decoding reads its weights in ``weights_dtype``; the full forward reads ``params`` as they
+    are."""
     seq, prompt_len, lengths = 8, 4, np.array([8, 6, 5])
     mask = (np.arange(seq)[None] >= seq - lengths[:, None]).astype(np.int32)
     tokens = np.random.default_rng(1).integers(0, token_high, (3, seq))
@@ -276,11 +278,11 @@ def incremental_and_full(
     logits, state = prefill(
         model, weights, conditioning, ids[:, :prompt_len], mask[:, :prompt_len], seq - prompt_len
     )
-    pieces = [logits]
+    pieces = [logits[:, None]]
     for t in range(prompt_len, seq):
         logits, state = step(model, weights, state, jnp.asarray(ids[:, t]))
         pieces.append(logits[:, None])
-    return np.concatenate(pieces, axis=1), np.asarray(full), ids, mask
+    return np.concatenate(pieces, axis=1), np.asarray(full)[:, prompt_len - 1 :], ids, mask
 
 
 def generate_pair(torch_model, folder) -> tuple:

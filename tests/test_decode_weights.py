@@ -71,11 +71,10 @@ def teacher_forced(family: str, weights_dtype: str):
     model, params = generator(family)
     config = DECODERS[family]
     batch = conditioning_batch(ENCODER.vocab_size, 3)
-    incremental, full, _, mask = incremental_and_full(
+    incremental, full, _, _ = incremental_and_full(
         model, params, batch, config.vocab_size - 1, 96, weights_dtype
     )
-    real = mask.astype(bool)
-    return incremental[real], full[real]
+    return incremental.reshape(-1, config.vocab_size), full.reshape(-1, config.vocab_size)
 
 
 def full_forward_greedy(model, params, batch, new_tokens: int, eos: int) -> np.ndarray:

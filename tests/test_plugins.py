@@ -83,7 +83,7 @@ class ToyBigram(nn.Module):
     @nn.compact
     def __call__(
         self, input_ids, attention_mask=None, inputs=None, *, cache=None, cache_index=0,
-        deterministic=True,
+        deterministic=True, last_only=False,
     ):  # fmt: skip
         inputs = DecoderInputs() if inputs is None else inputs
         wte = nn.Embed(self.config.vocab_size, self.config.width, name="wte")
@@ -96,6 +96,7 @@ class ToyBigram(nn.Module):
             x = jnp.concatenate([inputs.prefix_embeds, x], axis=1)
         elif cache is not None:
             context = cache["context"]
+        x = x[:, -1:] if last_only else x
         logits = wte.attend(jnp.tanh(nn.Dense(self.config.width, name="mix")(x + context[:, None])))
         return logits if cache is None else (logits, {"context": context})
 

@@ -19,7 +19,9 @@ What a family's pieces must do:
   deterministic=True)`` with ``inputs`` a ``DecoderInputs``; logits
   ``[batch, prefix + seq, vocab]``, or ``(logits, cache)`` when given a cache; with
   ``return_hidden=True`` (and no cache) ``(logits, hidden)``, ``hidden`` the final hidden
-  states ``[batch, prefix + seq, hidden]`` (the ``decoder`` rating head reads them).
+  states ``[batch, prefix + seq, hidden]`` (the ``decoder`` rating head reads them); with
+  ``last_only=True`` the logits of the last position alone, ``[batch, 1, vocab]`` (sampling's
+  prefill reads no other, and the LM head over every prompt position is its largest product).
 * encoder ``module_cls(config, dtype)``; ``__call__(input_ids, attention_mask,
   deterministic=...)`` returns an object whose ``last_hidden_state`` is ``[batch, seq, E]``.
 * ``hf``: the checkpoint conversion table (:class:`HFConversion`).

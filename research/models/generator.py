@@ -214,9 +214,12 @@ class Generator(nn.Module):
         cache_index: jax.Array | int = 0,
         deterministic: bool = True,
         return_hidden: bool = False,
+        last_only: bool = False,
     ):
         """The decoder under ``inputs``; see the family's module (``GPT2LMHead.__call__``) for
-        the cache contract."""
+        the cache contract, ``return_hidden`` and ``last_only``."""
+        # Passed only when set: a family that lacks an option still serves every other call.
+        options = {"return_hidden": return_hidden, "last_only": last_only}
         with self._adapters("decoder", deterministic):
             return self.decoder(
                 input_ids,
@@ -225,7 +228,7 @@ class Generator(nn.Module):
                 cache=cache,
                 cache_index=cache_index,
                 deterministic=deterministic,
-                **({"return_hidden": True} if return_hidden else {}),
+                **{name: True for name, wanted in options.items() if wanted},
             )
 
     def _adapters(self, part: str, deterministic: bool):

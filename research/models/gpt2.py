@@ -252,6 +252,7 @@ class GPT2LMHead(nn.Module):
         cache_index: jax.Array | int = 0,
         deterministic: bool = True,
         return_hidden: bool = False,
+        last_only: bool = False,
     ):
         """Logits ``[batch, prefix + seq, vocab]`` (float32), or ``(logits, cache)`` with a cache.
 
@@ -271,6 +272,7 @@ class GPT2LMHead(nn.Module):
           deterministic: False enables dropout (needs a ``dropout`` rng).
           return_hidden: without a cache, return ``(logits, hidden)``, ``hidden`` the final
             hidden states ``[batch, prefix + seq, d_model]`` (after ``ln_f``).
+          last_only: logits of the last position alone, ``[batch, 1, vocab]``.
         """
         inputs = DecoderInputs() if inputs is None else inputs
         n_slots = None if cache is None else cache["self"][0][0].shape[2]
@@ -292,7 +294,7 @@ class GPT2LMHead(nn.Module):
             )
             new_self.append(kv)
         x = self.ln_f(x)
-        logits = tied_logits(self.wte, x, self.dtype)
+        logits = tied_logits(self.wte, x[:, -1:] if last_only else x, self.dtype)
         if cache is None:
             return (logits, x) if return_hidden else logits
         return logits, {"self": new_self, "cross": cross_kv}

@@ -283,10 +283,12 @@ class LlamaLM(nn.Module):
         cache_index: jax.Array | int = 0,
         deterministic: bool = True,
         return_hidden: bool = False,
+        last_only: bool = False,
     ):
         """Logits ``[batch, prefix + seq, vocab]`` (float32), or ``(logits, cache)`` with a cache.
 
-        Arguments as for ``GPT2LMHead`` (``return_hidden``: also the states after ``norm``);
+        Arguments as for ``GPT2LMHead`` (``return_hidden``: also the states after ``norm``;
+        ``last_only``: the last position's logits alone);
         masks and positions as :func:`research.models.decoder_inputs.decoder_entry` reads them.
         """
         cfg = self.config
@@ -316,10 +318,11 @@ class LlamaLM(nn.Module):
             )
             new_self.append(kv)
         x = self.norm(x).astype(self.dtype)
+        head_input = x[:, -1:] if last_only else x
         if cfg.tie_word_embeddings:
-            logits = tied_logits(self.embed_tokens, x, self.dtype)
+            logits = tied_logits(self.embed_tokens, head_input, self.dtype)
         else:
-            logits = self.lm_head(x).astype(jnp.float32)
+            logits = self.lm_head(head_input).astype(jnp.float32)
         if cache is None:
             return (logits, x) if return_hidden else logits
         return logits, {"self": new_self, "cross": cross_kv}

@@ -64,7 +64,7 @@ def decode_one_per_row(
 
     # Padding rows (example -1) start finished, so they never keep the loop running.
     tokens = jnp.full((prompt_ids.shape[0], new), pad, jnp.int32)
-    tokens, finished = choose(logits[:, -1], 0, tokens, example < 0)
+    tokens, finished = choose(logits, 0, tokens, example < 0)
 
     def running(carry):
         t, _, finished, _ = carry
@@ -182,7 +182,7 @@ def decode_beam(
         improvable=example >= 0,  # padding rows take no part
         state=state,
     )
-    beam_state = choose(repeat(logits[:, -1]), start)
+    beam_state = choose(repeat(logits), start)
 
     def running(c: _Beams):
         return (c.t < new) & c.improvable.any()

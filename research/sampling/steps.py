@@ -30,10 +30,10 @@ jax.tree_util.register_dataclass(
 )
 
 
-def _apply(model: Generator, weights: DecodeWeights, *args, method) -> Any:
+def _apply(model: Generator, weights: DecodeWeights, *args, method, **kwargs) -> Any:
     """``model.apply`` with the decoder computing from its decoding weights."""
     with decode_weights.reading():
-        return model.apply({"params": weights.params}, *args, method=method)
+        return model.apply({"params": weights.params}, *args, method=method, **kwargs)
 
 
 def prefill(
@@ -53,8 +53,9 @@ def prefill(
       prompt_ids, prompt_mask: ``[batch, T]``, left padded (every row ends at column T-1).
       max_new_tokens: cache room for the tokens that follow.
 
-    Returns logits over the prompt positions ``[batch, T, vocab]`` (the last one predicts the
-    first new token) and the state whose cache holds the prefix and the prompt.
+    Returns the last prompt position's logits ``[batch, vocab]`` (they predict the first new
+    token; the LM head runs over no other position) and the state whose cache holds the prefix
+    and the prompt.
     """
     inputs = _apply(model, weights, dict(batch), method=Generator.condition)
     rows, prompt_len = prompt_ids.shape
@@ -77,13 +78,13 @@ def prefill(
     )
     cache = family.init_cache(config, rows, max_len, model.dtype)
     logits, cache = _apply(
-        model, weights, prompt_ids, mask, inputs, cache, 0, method=Generator.decode
+        model, weights, prompt_ids, mask, inputs, cache, 0, method=Generator.decode, last_only=True
     )
     # The prefix now lives in the cache; the cross-attention keys/values too (cache["cross"]).
     state = DecodeState(
         cache, mask, inputs.for_steps(), jnp.asarray(prefix_len + prompt_len, jnp.int32)
     )
-    return logits[:, prefix_len:], state
+    return logits[:, -1], state
 
 
 def decode_step(
