@@ -7,20 +7,21 @@
   tests/test_sampling.py and tests/test_llama_pipeline.py.)
 * bfloat16: the stated agreement with the float32 path (below).
 * The output-major product against numpy's, for each row count it treats differently, in
-  float32 and bfloat16.
+  float32 and bfloat16; the bfloat16 token lookup in a decoding loop against the table's rows.
 """
 
 from __future__ import annotations
 
 import functools
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from research import sampling
+from research.models import decode_weights, precision
 from research.models import lora as lora_lib
-from research.models import precision
 from research.models.bert import BertConfig
 from research.models.gpt2 import GPT2Config
 from research.models.llama_config import LlamaConfig
@@ -128,6 +129,33 @@ def test_weights_dtype_is_validated_with_its_choices():
     assert sampling.decoding_weights(model, weights, {"weights_dtype": "bfloat16"}) is weights
     with pytest.raises(ValueError, match="decoding weights are bfloat16"):
         sampling.decoding_weights(model, weights, {})
+
+
+@pytest.mark.parametrize("family", CASES)
+def test_bfloat16_token_lookup_in_a_loop_gives_the_tables_rows(family):
+    # The lookup as the decoding loop runs it (one row per step in a while loop; bfloat16
+    # lookups have their own path): exactly the stored rows, as float32.
+    model, params = generator(family)
+    weights = sampling.decoding_weights(model, params, {"weights_dtype": "bfloat16"})
+    name = {"gpt2": "wte", "llama": "embed_tokens"}[family]
+    table = weights.params["decoder"][name]["embedding"]
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, table.shape[0], (6, 4, 1)))
+
+    def lookups(weights, ids):
+        def step(t, out):
+            with decode_weights.reading():
+                rows = model.apply(
+                    {"params": weights.params},
+                    ids[t],
+                    method=lambda m, x: getattr(m.decoder, name)(x),
+                )
+            return out.at[t].set(rows)
+
+        return jax.lax.fori_loop(0, len(ids), step, jnp.zeros((*ids.shape, table.shape[1])))
+
+    got = np.asarray(jax.jit(lookups)(weights, ids))
+    assert table.dtype == jnp.bfloat16 and got.dtype == np.float32
+    np.testing.assert_array_equal(got, np.asarray(table.astype(jnp.float32))[np.asarray(ids)])
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

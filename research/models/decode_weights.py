@@ -73,15 +73,30 @@ def prepare(
     return DecodeWeights({**params, "decoder": decoder}, dtype)
 
 
+def _narrow_lookup(table: jax.Array, ids: jax.Array) -> jax.Array:
+    """``table [vocab, d]`` (bfloat16) rows at ``ids [...]`` -> ``[..., d]``, as ``nn.Embed``.
+
+    XLA:CPU gathers no bfloat16: it gathers from a float32 conversion of the table, and in
+    the decoding loop it hoisted that conversion of the whole table out of the loop (a
+    float32 copy per ``generate`` call). Tied to the loop's ids by the barrier, the conversion
+    stays in the gather's fusion, which converts only the rows it reads
+    (experiments/bench/README.md, generate)."""
+    table, ids = jax.lax.optimization_barrier((table, ids))
+    return jnp.take(table, ids, axis=0)
+
+
 def _intercept(next_fun, args, kwargs, context):
     module, method = context.module, context.method_name
     layer = isinstance(module, nn.Dense | nn.Embed) and method == "__call__"
     if not layer or module.path[:1] != ("decoder",):
         return next_fun(*args, **kwargs)
+    x = args[0] if args else next(iter(kwargs.values()))
     if isinstance(module, nn.Embed):  # a lookup: float32 rows (the tied LM head reads the
         # table as stored, output-major already: research/models/precision.py's tied_logits)
-        return next_fun(*args, **kwargs).astype(module.dtype or module.param_dtype)
-    x = args[0] if args else next(iter(kwargs.values()))
+        table = module.get_variable("params", "embedding")
+        narrow = table.dtype == jnp.bfloat16 and jnp.issubdtype(x.dtype, jnp.integer)
+        rows = _narrow_lookup(table, x) if narrow else next_fun(*args, **kwargs)
+        return rows.astype(module.dtype or module.param_dtype)
     # nn.Dense's output dtype: its own, else the input's promoted with its float32 kernel's.
     out_dtype = module.dtype or jnp.promote_types(x.dtype, module.param_dtype)
     # The kernel is [out, in] here: read as stored (self.param would check [in, out]).
