@@ -25,6 +25,7 @@ from research.models import lora as lora_lib
 from research.models.bert import BertConfig
 from research.models.gpt2 import GPT2Config
 from research.models.llama_config import LlamaConfig
+from research.sampling import runner
 from tests.conftest import (
     TINY_LLAMA,
     apply_model,
@@ -118,6 +119,20 @@ def test_bfloat16_weights_agree_with_float32(family):
     assert agreement >= BF16_GREEDY_AGREEMENT
 
 
+@pytest.mark.parametrize("family", CASES)
+def test_bfloat16_products_as_x_at_w_t_give_the_weight_major_tokens(family, monkeypatch):
+    # The tiny models' products are all narrower than BFLOAT16_WEIGHT_MAJOR_MAX_OUT: greedy
+    # decoding with every bfloat16 product as x @ W^T (the LM head's arrangement) against
+    # every one weight-major. The compiled sampler is cached per (model, settings): cleared.
+    tokens = {}
+    for max_out in (0, 1 << 30):
+        monkeypatch.setattr(precision, "BFLOAT16_WEIGHT_MAJOR_MAX_OUT", max_out)
+        runner._compiled.cache_clear()
+        tokens[max_out] = greedy(family, "bfloat16")
+    runner._compiled.cache_clear()
+    np.testing.assert_array_equal(tokens[0], tokens[1 << 30])
+
+
 def test_weights_dtype_is_validated_with_its_choices():
     with pytest.raises(ValueError, match=r"sampling.weights_dtype='int8'.*float32, bfloat16"):
         sampling.SamplingConfig.from_config({"weights_dtype": "int8"})
@@ -158,16 +173,18 @@ def test_bfloat16_token_lookup_in_a_loop_gives_the_tables_rows(family):
     np.testing.assert_array_equal(got, np.asarray(table.astype(jnp.float32))[np.asarray(ids)])
 
 
+@pytest.mark.parametrize("out", [40, precision.BFLOAT16_WEIGHT_MAJOR_MAX_OUT + 1])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("lead", [(1, 1), (4, 1), (2, 3), (precision.WEIGHT_MAJOR_MAX_ROWS + 1,)])
-def test_out_major_product_is_the_plain_product_for_every_row_count(lead, dtype):
-    # One row (padded to two in bfloat16), a few (weight-major), and more than
-    # WEIGHT_MAJOR_MAX_ROWS. bfloat16: the operands rounded, the sum in float32.
+def test_out_major_product_is_the_plain_product_for_every_row_count(lead, dtype, out):
+    # One row (padded to two in bfloat16), a few (weight-major; bfloat16 wider than
+    # BFLOAT16_WEIGHT_MAJOR_MAX_OUT: x @ W^T), and more than WEIGHT_MAJOR_MAX_ROWS.
+    # bfloat16: the operands rounded, the sum in float32.
     rng = np.random.default_rng(0)
     x = rng.standard_normal((*lead, 24), np.float32)
-    weight = jnp.asarray(rng.standard_normal((40, 24), np.float32), dtype)  # [out, in]
+    weight = jnp.asarray(rng.standard_normal((out, 24), np.float32), dtype)  # [out, in]
     y = precision.out_major_product(jnp.asarray(x), weight, jnp.float32, jnp.float32)
-    assert y.shape == (*lead, 40) and y.dtype == jnp.float32
+    assert y.shape == (*lead, out) and y.dtype == jnp.float32
     rounded = np.asarray(jnp.asarray(x, dtype).astype(jnp.float32))
     expected = rounded @ np.asarray(weight.astype(jnp.float32)).T
     np.testing.assert_allclose(np.asarray(y), expected, rtol=1e-5, atol=1e-5)

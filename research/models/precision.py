@@ -33,6 +33,10 @@ def tied_logits(embed: nn.Embed, hidden: jax.Array, dtype: Any) -> jax.Array:
 # Up to this many rows a product runs weight-major (out_major_product); measured
 # faster from 2 to 128 rows for GPT-2 124M's decoding products.
 WEIGHT_MAJOR_MAX_ROWS = 128
+# bfloat16 products with more outputs than this (the tied LM head: 768 -> 50257) run as
+# x @ W^T for 2-128 rows too: faster than weight-major inside the decoding loop
+# (experiments/bench/README.md, generate); every layer's product stays weight-major.
+BFLOAT16_WEIGHT_MAJOR_MAX_OUT = 8192
 
 
 def out_major_product(x: jax.Array, weight: jax.Array, compute: Any, out_dtype: Any) -> jax.Array:
@@ -43,7 +47,8 @@ def out_major_product(x: jax.Array, weight: jax.Array, compute: Any, out_dtype: 
     lead = x.shape[:-1]
     x, weight = x.astype(operand), weight.astype(operand)
     rows = x.size // x.shape[-1]
-    if 1 < rows <= WEIGHT_MAJOR_MAX_ROWS:
+    wide = operand == jnp.bfloat16 and weight.shape[0] > BFLOAT16_WEIGHT_MAJOR_MAX_OUT
+    if 1 < rows <= WEIGHT_MAJOR_MAX_ROWS and not wide:
         # XLA:CPU's float32 kernel for a few rows is faster with the weight as the product's
         # left operand (out rows, x's rows as columns); the barrier keeps XLA from folding
         # the transpose back into the product (experiments/bench/README.md, generate).
