@@ -31,6 +31,7 @@ from research.data.pipeline import Dataset, load_dataset_logged
 from research.eval.metrics import output_shape_metrics, text_metrics
 from research.eval.pepler_compat import rating_errors
 from research.eval.tables import TABLE_METRICS
+from research.files import atomic_write
 from research.models.build import build_generator
 from research.models.generator import Generator, init_generator
 from research.progress import compile_log
@@ -215,11 +216,12 @@ def generate_split(run: LoadedRun, split: str, max_examples: int = 0) -> list[di
 
 
 def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    tmp.replace(path)
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+    atomic_write(path, write)
 
 
 def evaluate_run(workdir: str | Path, split: str = "test", overrides=()) -> dict[str, float]:

@@ -32,6 +32,7 @@ from flax import jax_utils
 
 from research import compilation_cache
 from research.data.pipeline import REPORT_FILE, Dataset, load_dataset_logged, subset_record
+from research.files import atomic_write
 from research.models.build import build_generator
 from research.models.generator import parameter_summary, part_trains
 from research.progress import compile_log, progress_bar
@@ -239,9 +240,8 @@ def _truncate_metrics(workdir: Path, step: int) -> None:
     rows = [r for r in read_metrics(workdir) if r["step"] <= step]
     path = workdir / "metrics.jsonl"
     if path.exists():
-        tmp = path.with_name(".metrics.jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        tmp.replace(path)
+        text = "".join(json.dumps(r) + "\n" for r in rows)
+        atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def train(cfg: ml_collections.ConfigDict, workdir: str | Path, command: list[str] | None = None):

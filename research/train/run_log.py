@@ -28,6 +28,7 @@ import ml_collections
 
 from research.config import ConfigError, default_config
 from research.errors import ExpectedError
+from research.files import atomic_write
 from research.train.workdir_lock import locked_update
 
 PACKAGES = (
@@ -243,9 +244,8 @@ def record_invocation(
 
 def write_json(path: Path, value: Any) -> None:
     """Write JSON through a temporary file and a rename: never half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
+    text = json.dumps(value, indent=2, sort_keys=True) + "\n"
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 class MetricsLog:
