@@ -18,8 +18,8 @@ import jax
 
 from research.config import load_config
 from research.data.pipeline import load_dataset
-from research.train.loop import Trainer
 from research.train.steps import init_state, replicate, shard
+from research.train.trainer import Trainer
 
 
 def main(config: str, steps: str, *overrides: str) -> None:

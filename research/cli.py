@@ -173,7 +173,7 @@ def _exit_code(err: Exception) -> int | None:
     from research.data.loaders import BadRowError
     from research.errors import ExpectedError
     from research.models.hf import CheckpointError
-    from research.train.loop import TrainingDiverged
+    from research.train.step_metrics import TrainingDiverged
 
     if isinstance(err, ExpectedError):  # a busy workdir, a damaged checkpoint, ...
         return err.exit_code

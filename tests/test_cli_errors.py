@@ -17,7 +17,7 @@ from research import assets, cli
 from research.config import ConfigError, load_config
 from research.models import hf
 from research.models.gpt2 import GPT2Config, GPT2LMHead
-from research.train import loop
+from research.train import loop, step_metrics
 
 TINY = str(Path(__file__).parent / "configs" / "tiny.py")
 
@@ -129,7 +129,7 @@ def test_checkpoint_of_another_architecture(tmp_path, capsys, monkeypatch):
 
 def test_diverged_run_exits_1(tmp_path, capsys, monkeypatch):
     def diverges(*args, **kwargs):
-        raise loop.TrainingDiverged("loss is nan at step 3; stopping. The last good ...")
+        raise step_metrics.TrainingDiverged("loss is nan at step 3; stopping. The last good ...")
 
     monkeypatch.setattr(loop, "train", diverges)
     argv = ["train", "--config", TINY, "--workdir", str(tmp_path)]

@@ -25,6 +25,7 @@ from research.eval import evaluate
 from research.sampling import generate_batches
 from research.train import feature_cache, loop
 from research.train.steps import init_state, replicate, shard
+from research.train.trainer import Trainer
 
 TINY = Path(__file__).resolve().parent / "configs" / "tiny.py"
 FROZEN = "('decoder', 'conditioning')"
@@ -46,7 +47,7 @@ def dataset(tmp_path_factory):
     return load_dataset(tiny_config(tmp_path_factory.mktemp("cfg"), "prefix").data)
 
 
-def losses(trainer: loop.Trainer, tx, raw_batches) -> list[float]:
+def losses(trainer: Trainer, tx, raw_batches) -> list[float]:
     """Two train steps' losses (dropout on in the decoder), then the validation loss."""
     devices = trainer.devices
     step = trainer.train_step(2, tx)
@@ -65,7 +66,7 @@ def losses(trainer: loop.Trainer, tx, raw_batches) -> list[float]:
 @pytest.mark.parametrize("conditioning", ["additive", "prefix+cross_attention+id_prompt"])
 def test_cached_features_train_and_evaluate_like_the_live_encoder(conditioning, dataset, tmp_path):
     cfg = tiny_config(tmp_path, conditioning)
-    trainer = loop.Trainer(cfg, tmp_path, dataset)
+    trainer = Trainer(cfg, tmp_path, dataset)
     tx = trainer.optimizer(2)
     iterator = dataset.train_iterator(cfg.train.batch_size, cfg.seed)
     raw_batches = [next(iterator) for _ in range(2)]
@@ -81,7 +82,7 @@ def test_cached_features_train_and_evaluate_like_the_live_encoder(conditioning, 
 def test_sampling_reads_the_cached_features(dataset, tmp_path):
     """Greedy decoding from cached features writes the tokens the live encoder leads to."""
     cfg = tiny_config(tmp_path, "prefix+cross_attention")
-    trainer = loop.Trainer(cfg, tmp_path, dataset)
+    trainer = Trainer(cfg, tmp_path, dataset)
     trainer.use_features(2, trainer.initial_params)
     batch = next(iter(dataset.eval_iterator("test", 8)))
     sampling = {"strategy": "greedy", "max_new_tokens": 6, "batch_size": 8}
@@ -108,7 +109,7 @@ def shuffled_vocab_tokenizer(folder: Path) -> Path:
 
 def test_a_changed_weight_tokenizer_or_encoder_length_builds_a_new_cache(dataset, tmp_path):
     cfg = tiny_config(tmp_path, "prefix")
-    trainer = loop.Trainer(cfg, tmp_path, dataset)
+    trainer = Trainer(cfg, tmp_path, dataset)
     params = trainer.initial_params
     first = feature_cache.prepare(cfg, dataset, trainer.model, params)
     again = feature_cache.prepare(cfg, dataset, trainer.model, params)
@@ -135,7 +136,7 @@ def test_a_changed_weight_tokenizer_or_encoder_length_builds_a_new_cache(dataset
 
 def test_a_truncated_or_half_written_cache_is_rebuilt_not_read(dataset, tmp_path, monkeypatch):
     cfg = tiny_config(tmp_path, "cross_attention")
-    trainer = loop.Trainer(cfg, tmp_path, dataset)
+    trainer = Trainer(cfg, tmp_path, dataset)
     model, params = trainer.model, trainer.initial_params
     reference_cfg = tiny_config(tmp_path / "reference", "cross_attention")
     reference = feature_cache.prepare(reference_cfg, dataset, model, params)

@@ -247,6 +247,7 @@ def _timed_log_rows(times: dict[int, float]):
 def measure_loop_overhead(run) -> list[dict[str, Any]]:
     from research.data.pipeline import load_dataset
     from research.train import loop
+    from research.train.trainer import Trainer
 
     s = run.setup
     steps, first = (20, 5) if s.name == "smoke" else (60, 10)
@@ -256,7 +257,7 @@ def measure_loop_overhead(run) -> list[dict[str, Any]]:
         root = Path(tmp)
         cfg = _loop_config(s, steps)
         dataset = load_dataset(cfg.data)
-        trainer = loop.Trainer(cfg, root, dataset)
+        trainer = Trainer(cfg, root, dataset)
         tx = trainer.optimizer(2)
         step_fn = trainer.train_step(2, tx)
         iterator = dataset.train_iterator(cfg.train.batch_size, cfg.seed)

@@ -55,11 +55,8 @@ would need ``StandardSave`` on sharded ``jax.Array`` s instead of host numpy cop
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import math
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +66,9 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
 from research.errors import ExpectedError
+from research.train import checkpoint_trees as trees
+from research.train import orbax_logs
+from research.train.checkpoint_trees import CheckpointMismatch
 
 VAL_LOSS = "val_loss"
 PARAMS_ITEM = "params"
@@ -76,10 +76,6 @@ STATE_ITEM = "state"
 META_ITEM = "meta"
 # Old steps are renamed here (atomic) and then removed; Orbax ignores it: not a step name.
 DELETED_SUBDIR = "deleted"
-
-
-class CheckpointMismatch(ExpectedError, ValueError):
-    """The saved tree differs from the target in keys, shapes or dtypes (a config change)."""
 
 
 class CheckpointWriteFailed(ExpectedError, RuntimeError):
@@ -97,57 +93,6 @@ def first_line(error: BaseException) -> str:
 
 def _val_loss(metrics: dict[str, float]) -> float:
     return metrics[VAL_LOSS]
-
-
-def _host_array(path: tuple, leaf: Any) -> np.ndarray:
-    """``leaf`` as a numpy array (may be a view: Orbax copies host arrays before writing them)."""
-    name = jax.tree_util.keystr(path)
-    dtype = getattr(leaf, "dtype", None)
-    if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
-        raise TypeError(f"state{name} is a typed PRNG key; store jax.random.key_data(key) instead")
-    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
-        raise ValueError(
-            f"state{name} spans several processes; pass this process's replica of it "
-            "(e.g. x.addressable_data(0)); sharded state is not supported"
-        )
-    if not isinstance(leaf, np.ndarray | np.generic | jax.Array):
-        raise TypeError(f"state{name} is a {type(leaf).__name__}; state leaves must be arrays")
-    if np.size(leaf) == 0:
-        # Orbax refuses these mid-save, which leaves its background threads waiting minutes.
-        raise ValueError(f"state{name} has no elements; Orbax cannot save empty arrays")
-    return np.asarray(leaf)
-
-
-def _abstract_leaf(path: tuple, leaf: Any) -> jax.ShapeDtypeStruct:
-    """Shape and dtype of a target leaf, without sharding (so Orbax restores numpy arrays)."""
-    if not (hasattr(leaf, "shape") and hasattr(leaf, "dtype")):
-        name = jax.tree_util.keystr(path)
-        raise TypeError(f"target{name} is a {type(leaf).__name__}; leaves need .shape and .dtype")
-    return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype)
-
-
-def _check_json(value: Any, where: str) -> None:
-    """Raise if ``value`` would not come back unchanged from JSON (tuples, NaN, numpy scalars)."""
-    if isinstance(value, dict):
-        for key, item in value.items():
-            if not isinstance(key, str):
-                raise TypeError(f"{where}: key {key!r} is not a string (JSON keys are strings)")
-            _check_json(item, f"{where}[{key!r}]")
-    elif isinstance(value, list):
-        for index, item in enumerate(value):
-            _check_json(item, f"{where}[{index}]")
-    elif isinstance(value, float):
-        if not math.isfinite(value):
-            raise ValueError(f"{where} is {value}; JSON has no NaN or infinity")
-    elif not (value is None or isinstance(value, str | int | bool)):
-        hint = " (tuples come back as lists)" if isinstance(value, tuple) else ""
-        raise TypeError(f"{where} is a {type(value).__name__}, not a JSON value{hint}")
-
-
-def _flat_shapes(tree: Any) -> dict[tuple[str, ...], tuple[tuple[int, ...], np.dtype]]:
-    """``{key path: (shape, dtype)}`` of a tree of arrays or Orbax array metadata."""
-    flat = ocp.tree.to_flat_dict(tree)
-    return {path: (tuple(leaf.shape), np.dtype(leaf.dtype)) for path, leaf in flat.items()}
 
 
 class Checkpointer:
@@ -178,7 +123,7 @@ class Checkpointer:
         if not isinstance(save_every, int) or save_every < 1:
             raise ValueError(f"save_every={save_every!r}: must be an integer >= 1")
         self.directory = Path(workdir).resolve() / "checkpoints"  # Orbax needs absolute paths
-        _silence_closed_loop_echoes()
+        orbax_logs.silence_closed_loop_echoes()
         self._async_save = async_save
         self.read_only = read_only
         registry = ocp.handlers.create_default_handler_registry(
@@ -189,7 +134,9 @@ class Checkpointer:
             }
         )
         if read_only:
-            with _absl_quiet():  # Orbax warns that the directory is read-only: we asked for it
+            with (
+                orbax_logs.absl_quiet()
+            ):  # Orbax warns that the directory is read-only: we asked for it
                 options = ocp.CheckpointManagerOptions(
                     best_fn=_val_loss, best_mode="min", read_only=True, create=False
                 )
@@ -267,10 +214,10 @@ class Checkpointer:
             val_loss = float(val_loss)
             if not math.isfinite(val_loss):
                 raise ValueError(f"val_loss at step {step} is {val_loss}; it must be finite")
-        _check_json(meta, "meta")
+        trees.check_json(meta, "meta")
         if self._async_save:
             self.wait_until_finished()  # the previous save's deletions land in DELETED_SUBDIR
-        host_state = jax.tree_util.tree_map_with_path(_host_array, state)
+        host_state = jax.tree_util.tree_map_with_path(trees.host_array, state)
         items = {META_ITEM: ocp.args.JsonSave(meta)}
         if isinstance(host_state, dict) and PARAMS_ITEM in host_state:
             host_state = dict(host_state)
@@ -278,7 +225,7 @@ class Checkpointer:
         if host_state:
             items[STATE_ITEM] = ocp.args.StandardSave(host_state)
         try:
-            with _without_thread_echoes():
+            with orbax_logs.without_thread_echoes():
                 saved = self._manager.save(
                     step,
                     args=ocp.args.Composite(**items),
@@ -347,7 +294,7 @@ class Checkpointer:
           CheckpointMismatch: the saved tree differs from ``target`` in keys, shapes or dtypes.
         """
         step = self._require(step)
-        abstract = jax.tree_util.tree_map_with_path(_abstract_leaf, target)
+        abstract = jax.tree_util.tree_map_with_path(trees.abstract_leaf, target)
         targets = {STATE_ITEM: abstract}
         if (self._step_dir(step) / PARAMS_ITEM).is_dir():
             if not (isinstance(abstract, dict) and PARAMS_ITEM in abstract):
@@ -382,8 +329,10 @@ class Checkpointer:
         if target is None:
             abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), saved)
         else:
-            abstract = jax.tree_util.tree_map_with_path(_abstract_leaf, target)
-            _check_same(_flat_shapes(saved), _flat_shapes(abstract), self._step_dir(step))
+            abstract = jax.tree_util.tree_map_with_path(trees.abstract_leaf, target)
+            trees.check_same(
+                trees.flat_shapes(saved), trees.flat_shapes(abstract), self._step_dir(step)
+            )
         if not old_layout:
             restored = self._manager.restore(
                 step, args=ocp.args.Composite(**{PARAMS_ITEM: ocp.args.StandardRestore(abstract)})
@@ -422,11 +371,11 @@ class Checkpointer:
 
         Orbax would silently cast dtypes and pad or truncate shapes.
         """
-        saved = _flat_shapes(self._item_tree(step, item))
+        saved = trees.flat_shapes(self._item_tree(step, item))
         prefix = (PARAMS_ITEM,) if item == PARAMS_ITEM else ()
-        _check_same(
+        trees.check_same(
             {prefix + k: v for k, v in saved.items()},
-            {prefix + k: v for k, v in _flat_shapes(abstract).items()},
+            {prefix + k: v for k, v in trees.flat_shapes(abstract).items()},
             self._step_dir(step),
         )
 
@@ -451,70 +400,3 @@ class Checkpointer:
         deleted = self.directory / DELETED_SUBDIR
         if not self.read_only and jax.process_index() == 0 and deleted.exists():
             shutil.rmtree(deleted)
-
-
-@contextlib.contextmanager
-def _absl_quiet():
-    absl = logging.getLogger("absl")
-    level = absl.level
-    absl.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        absl.setLevel(level)
-
-
-class _ThreadEcho(logging.Filter):
-    """Orbax's worker threads log the error a failed save raises anyway, with its traceback."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "_SignalingThread.run() raised an exception" not in record.getMessage()
-
-
-@contextlib.contextmanager
-def _without_thread_echoes():
-    absl, echo = logging.getLogger("absl"), _ThreadEcho()
-    absl.addFilter(echo)
-    try:
-        yield
-    finally:
-        absl.removeFilter(echo)
-
-
-def _silence_closed_loop_echoes() -> None:
-    """Drop the "Event loop is closed" echoes of a failed restore or save (once per process).
-
-    After one read or write fails, Orbax closes its event loop while tensorstore still
-    completes the others; each completion then reports ``RuntimeError: Event loop is closed``
-    as an unraisable exception, a traceback per array that buries the one line naming the
-    failure. Other unraisable exceptions still reach the previous hook.
-    """
-    previous = sys.unraisablehook
-    if getattr(previous, "drops_closed_loop_echoes", False):
-        return
-
-    def hook(unraisable):
-        value = unraisable.exc_value
-        if not (isinstance(value, RuntimeError) and str(value) == "Event loop is closed"):
-            previous(unraisable)
-
-    hook.drops_closed_loop_echoes = True
-    sys.unraisablehook = hook
-
-
-def _check_same(saved: dict, wanted: dict, step_dir: Path) -> None:
-    """Raise :class:`CheckpointMismatch` naming the first key whose shape or dtype differs."""
-    where = f"checkpoint {step_dir}"
-    missing, extra = sorted(wanted.keys() - saved.keys()), sorted(saved.keys() - wanted.keys())
-    if missing or extra:
-        raise CheckpointMismatch(
-            f"{where}: state keys differ from the target; "
-            f"missing in checkpoint: {['.'.join(k) for k in missing]}, "
-            f"not in target: {['.'.join(k) for k in extra]}"
-        )
-    for path, (shape, dtype) in wanted.items():
-        if saved[path] != (shape, dtype):
-            raise CheckpointMismatch(
-                f"{where}: state.{'.'.join(path)} is saved as {saved[path][1]}{list(saved[path][0])}"
-                f" but the target is {dtype}{list(shape)}"
-            )

@@ -6,7 +6,7 @@ position and the two-stage schedule's progress all come back, and dropout keys d
 (seed, step, device), so an interrupted run ends bitwise equal to an uninterrupted one.
 
 SIGTERM/SIGINT finish the current step, save, and return normally. A non-finite loss (or
-gradient norm) raises :class:`TrainingDiverged` naming the step, before that step is saved.
+gradient norm) raises :class:`research.train.step_metrics.TrainingDiverged` naming the step, before that step is saved.
 
 The loop does not wait for the devices between steps: metrics stay on the devices until the
 next log line, save or evaluation (a diverged step leaves the state unchanged; the loop stops
@@ -23,7 +23,6 @@ import dataclasses
 import json
 import math
 import signal
-import time
 from pathlib import Path
 
 import jax
@@ -31,15 +30,13 @@ import ml_collections
 from flax import jax_utils
 
 from research import compilation_cache
-from research.data.pipeline import REPORT_FILE, Dataset, load_dataset_logged, subset_record
+from research.data.pipeline import REPORT_FILE, load_dataset_logged, subset_record
 from research.files import atomic_write
-from research.models.build import build_generator
-from research.models.generator import parameter_summary, part_trains
+from research.models.generator import parameter_summary
 from research.progress import compile_log, progress_bar
-from research.train import distributed, feature_cache, frozen_init
+from research.train import distributed, frozen_init
 from research.train.checkpoint import Checkpointer
 from research.train.checkpoint_damage import restore_newest
-from research.train.optim import learning_rate_schedule, make_optimizer, trainable_labels
 from research.train.run_log import (
     MetricsLog,
     RunConfigChanged,
@@ -49,42 +46,18 @@ from research.train.run_log import (
     structural_hash,
     write_json,
 )
+from research.train.step_metrics import StepMetrics
 from research.train.steps import (
     compile_ahead,
     init_state,
-    make_eval_step,
-    make_train_step,
     release_compiled_steps,
     replicate,
     replicated_init_state,
     shard,
     to_devices,
 )
+from research.train.trainer import Progress, Trainer, stage_trainable
 from research.train.workdir_lock import trainer_lock
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss or the gradient norm became NaN or infinite; the message names the step."""
-
-
-@dataclasses.dataclass
-class Progress:
-    """Everything besides arrays that a checkpoint must restore (saved as JSON ``meta``)."""
-
-    stage: int = 2  # 1 = PEPLER's first stage (only stage1_trainable), 2 = the final regime
-    stage2_start: int = 0  # the step at which stage 2 began (its optimizer counts from there)
-    best_val_loss: float | None = None
-    evals_without_improvement: int = 0
-    data: dict[str, int] = dataclasses.field(default_factory=dict)
-
-
-def _trainable(cfg: ml_collections.ConfigDict, stage: int) -> tuple[str, ...]:
-    return tuple(cfg.train.stage1_trainable if stage == 1 else cfg.train.trainable)
-
-
-def _shifted(schedule, offset: int):
-    """``schedule`` as seen by an optimizer whose update count starts at step ``offset``."""
-    return lambda count: schedule(count + offset)
 
 
 class _StopRequest:
@@ -104,123 +77,6 @@ class _StopRequest:
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
-
-
-class Trainer:
-    """Holds one run's pieces; :func:`train` drives it."""
-
-    def __init__(self, cfg: ml_collections.ConfigDict, workdir: Path, dataset: Dataset):
-        self.cfg, self.workdir, self.dataset = cfg, workdir, dataset
-        self.devices = jax.local_device_count()
-        self.processes = jax.process_count()
-        per_process = cfg.train.batch_size // self.processes
-        if per_process * self.processes != cfg.train.batch_size or per_process % (
-            self.devices * cfg.train.accum_steps
-        ):
-            raise ValueError(
-                f"train.batch_size={cfg.train.batch_size} must split evenly over "
-                f"{self.processes} processes x {self.devices} devices x "
-                f"train.accum_steps={cfg.train.accum_steps}"
-            )
-        self.schedule = learning_rate_schedule(
-            cfg.train.learning_rate,
-            cfg.train.steps,
-            cfg.train.warmup_steps,
-            cfg.train.schedule,
-            cfg.train.end_lr_fraction,
-        )
-        root = jax.random.key(cfg.seed)
-        init_key, self.dropout_seed = jax.random.split(root)
-        self.model, params = build_generator(
-            cfg, dataset.num_users, dataset.num_items, init_key, dataset.rating_mean
-        )
-        # The frozen base: checkpoints leave it out (frozen_init.py); train.frozen_dtype.
-        sizes = {"num_users": dataset.num_users, "num_items": dataset.num_items}
-        sizes["rating_mean"] = dataset.rating_mean
-        self.frozen = frozen_init.frozen_parts(cfg, params, sizes)
-        self.initial_params = frozen_init.cast_base(cfg, params)
-        self.eval_step = make_eval_step(self.model)
-        self.features: feature_cache.FeatureCache | None = None
-
-    def state_on_devices(self, restored, tx) -> dict:
-        """The replicated train state: ``restored`` (host arrays) or, when None, a fresh one.
-
-        The initial parameters keep only their shapes from then on (the optimizer, the steps'
-        labels and a checkpoint's target read nothing else): the state holds its own copy, and
-        the run would otherwise hold a second copy of the model to its end.
-        """
-        if restored is None:
-            state = replicated_init_state(self.initial_params, tx, self.devices)
-        else:
-            state = replicate(restored, self.devices)
-        self.initial_params = jax.tree_util.tree_map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self.initial_params
-        )
-        return state
-
-    def use_features(self, stage: int, params) -> None:
-        """Read a frozen encoder's features from the cache in ``stage``; run it live otherwise."""
-        self.features = None
-        if feature_cache.wanted(self.cfg, self.model, _trainable(self.cfg, stage)):
-            self.features = feature_cache.prepare(self.cfg, self.dataset, self.model, params)
-
-    def host_batch(self, batch: dict, split: str) -> dict:
-        """A batch as the steps read it: cached encoder features attached, ``example`` dropped."""
-        if self.features is not None:
-            batch = self.features.attach(batch, split)
-        return {k: v for k, v in batch.items() if k != "example"}
-
-    def optimizer(self, stage: int, first_step: int = 0):
-        """The optimizer of ``stage``, created at step ``first_step``.
-
-        A new optimizer counts its updates from 0; shifting the schedule by ``first_step`` keeps
-        it on the run's learning-rate schedule (the one the metrics report) instead of starting
-        the warmup again.
-        """
-        return make_optimizer(
-            self.initial_params,
-            _trainable(self.cfg, stage),
-            _shifted(self.schedule, first_step) if first_step else self.schedule,
-            weight_decay=self.cfg.train.weight_decay,
-            clip_norm=self.cfg.train.clip_norm or None,
-        )
-
-    def train_step(self, stage: int, tx):
-        trainable = _trainable(self.cfg, stage)
-        labels = trainable_labels(self.initial_params, trainable)
-        model = self.model.clone(
-            frozen_encoder=not part_trains(self.model.spec, "encoder", trainable)
-        )
-        weights = {"text_weight": self.cfg.train.text_weight}
-        weights["rating_weight"] = self.cfg.train.rating_weight
-        return make_train_step(model, tx, labels, self.schedule, **weights)
-
-    def validation_examples(self):
-        """The seeded sample of max_eval_batches batches (None: the whole split)."""
-        count = self.cfg.train.max_eval_batches * self.cfg.train.eval_batch_size
-        return self.dataset.eval_subset("validation", count, self.cfg.eval.subset_seed)
-
-    def evaluate(self, params_replicated, split: str = "validation") -> dict[str, float]:
-        """Losses over ``split`` (validation: its seeded max_eval_batches sample).
-
-        ``loss``: mean per target token; with a rating head ``rating_mse``; ``objective``: both
-        weighted as in training (checkpoints and the two-stage switch follow it).
-        """
-        examples = self.validation_examples() if split == "validation" else None
-        batches = self.dataset.eval_iterator(
-            split, self.cfg.train.eval_batch_size, jax.process_index(), self.processes, examples
-        )
-        sums = []  # on the devices until the pass is over
-        for batch in batches:
-            batch = self.host_batch(batch, split)
-            sums.append(self.eval_step(params_replicated, shard(batch, self.devices)))
-        totals = {key: sum(float(s[key][0]) for s in jax.device_get(sums)) for key in sums[0]}
-        loss = totals["loss_sum"] / max(totals["tokens"], 1.0)
-        losses = {"loss": loss, "objective": self.cfg.train.text_weight * loss}
-        if "rated" in totals:
-            losses["rating_mse"] = totals["rating_sq_error"] / max(totals["rated"], 1.0)
-            losses["objective"] += self.cfg.train.rating_weight * losses["rating_mse"]
-        return losses
 
 
 def validation_line(step: int, loss: float, best: float) -> str:
@@ -298,7 +154,7 @@ def _start(cfg: ml_collections.ConfigDict, workdir: Path):
     start, state = None, None
     if resumed is None:
         if primary:
-            print(parameter_summary(trainer.initial_params, _trainable(cfg, progress.stage)))
+            print(parameter_summary(trainer.initial_params, stage_trainable(cfg, progress.stage)))
     else:
         start, state, meta = resumed
         del resumed  # the restored host state is freed once it is on the devices
@@ -329,58 +185,6 @@ def _start(cfg: ml_collections.ConfigDict, workdir: Path):
         return _run(cfg, workdir, trainer, checkpoints, progress, data, tx, state, start or 0)
 
 
-class _StepMetrics:
-    """Step metrics kept on the devices, fetched in one transfer when the loop needs them.
-
-    Fetching waits until those steps ran, so it happens every ``train.log_every`` steps and
-    before a checkpoint is written or the model evaluated, never after every step.
-    """
-
-    def __init__(self, checkpoints: Checkpointer, bar):
-        self._checkpoints, self._bar = checkpoints, bar
-        self._pending: list[tuple[int, dict]] = []
-        self._window_tokens, self._window_start = 0.0, time.perf_counter()
-
-    def add(self, step: int, metrics: dict) -> None:
-        self._pending.append((step, metrics))
-
-    def fetch(self) -> dict[str, float] | None:
-        """The newest step's metrics as floats; raises at the first non-finite step."""
-        if not self._pending:
-            return None
-        fetched = jax.device_get([metrics for _, metrics in self._pending])
-        steps = [step for step, _ in self._pending]
-        self._pending.clear()
-        for step, metrics in zip(steps, fetched, strict=True):
-            row = {k: float(v[0]) for k, v in metrics.items()}
-            loss, grad_norm = row["loss"], row["grad_norm"]
-            # A NaN gradient under a finite loss (an overflowing backward pass) would have made
-            # the parameters NaN (the step left them unchanged): stop on either.
-            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                self._bar.close()
-                what = (
-                    f"loss is {loss}"
-                    if not math.isfinite(loss)
-                    else f"gradient norm is {grad_norm} (loss {loss})"
-                )
-                good = self._checkpoints.latest_step()
-                raise TrainingDiverged(
-                    f"{what} at step {step}; stopping. The last good checkpoint is "
-                    f"step {good} in {self._checkpoints.directory}"
-                    if good is not None
-                    else f"{what} at step {step}; stopping (no checkpoint yet)"
-                )
-            self._window_tokens += row["tokens"]
-        return row
-
-    def tokens_per_s(self) -> float:
-        """Tokens per second since the previous call (the logging window)."""
-        now = time.perf_counter()
-        rate = self._window_tokens / max(now - self._window_start, 1e-9)
-        self._window_tokens, self._window_start = 0.0, now
-        return rate
-
-
 def _check_config_hash(cfg, meta: dict, where: Path) -> None:
     saved = meta.get("config_hash")  # absent in checkpoints written before it was saved
     if saved is not None and saved != structural_hash(cfg):
@@ -399,7 +203,7 @@ def _run(cfg, workdir, trainer, checkpoints, progress, data, tx, state, step):
     bar = progress_bar(
         cfg.train.steps, "train", "step", step, not primary, every=cfg.train.log_every
     )
-    step_metrics, last_loss = _StepMetrics(checkpoints, bar), float("nan")
+    step_metrics, last_loss = StepMetrics(checkpoints, bar), float("nan")
 
     def on_devices(raw: dict):
         batch = shard(trainer.host_batch(raw, "train"), trainer.devices, cfg.train.accum_steps)
@@ -499,7 +303,7 @@ def _run(cfg, workdir, trainer, checkpoints, progress, data, tx, state, step):
                     upcoming = (upcoming[0], on_devices(upcoming[0]), upcoming[2])
                     compile_ahead(step_fn, state, upcoming[1], seed_key)
                 if primary:
-                    bar.write(f"step {step}: stage 2, training {_trainable(cfg, 2)}")
+                    bar.write(f"step {step}: stage 2, training {stage_trainable(cfg, 2)}")
             # The switch point is a resume point.
             save(force=step == cfg.train.steps or switch, val_loss=val_loss)
             if stop.signal_name:
