@@ -17,7 +17,7 @@ Formats (``data.source``):
   empty in a row. CSV features cells are "|"-separated; CSV rating cells are parsed as numbers.
 
 Timestamps (every source) are epoch seconds, ISO 8601 text, or text in the strptime format
-``data.timestamp_format`` (see ``parse_timestamp``); zoneless times are UTC.
+``data.timestamp_format`` (see ``research.data.rows.parse_timestamp``); zoneless times are UTC.
 
 JSON-lines and CSV files may be gzip-compressed (detected from the content). Lines are
 numbered from 1 (a CSV header is line 1); pickle records by their list position. A compressed
@@ -38,12 +38,10 @@ import csv
 import gzip
 import io
 import json
-import math
 import zlib
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 from typing import BinaryIO
@@ -52,6 +50,7 @@ import ml_collections
 
 from research.data.config import SPLITS
 from research.data.records import Review
+from research.data.rows import BadRow, amazon_row, mapped_row, pepler_row, type_name, yelp_row
 from research.data.safe_pickle import restricted_load
 from research.data.synthetic import synthetic_reviews
 from research.errors import ExpectedError
@@ -59,7 +58,6 @@ from research.errors import ExpectedError
 # Bad-row examples kept per reason in the report: enough to find the problem, not a copy.
 _EXAMPLES_PER_REASON = 5
 _GZIP_MAGIC = b"\x1f\x8b"
-CSV_FEATURE_SEPARATOR = "|"
 
 
 class BadRowError(ExpectedError, ValueError):
@@ -81,13 +79,6 @@ def _damaged(path: Path, last_complete: int, error: Exception) -> DataFileError:
     )
 
 
-class _BadRow(Exception):
-    def __init__(self, reason: str, detail: str):
-        super().__init__(detail)
-        self.reason = reason
-        self.detail = detail
-
-
 @dataclass
 class BadRowReport:
     """Counts of rows read, kept and skipped by reason, with the first few locations."""
@@ -97,7 +88,7 @@ class BadRowReport:
     skipped: Counter = field(default_factory=Counter)
     examples: dict[str, list[str]] = field(default_factory=dict)
 
-    def bad_row(self, location: str, problem: _BadRow) -> None:
+    def bad_row(self, location: str, problem: BadRow) -> None:
         message = f"{location}: {problem.reason.replace('_', ' ')}: {problem.detail}"
         if self.on_bad_row == "error":
             raise BadRowError(f"{message} (set data.on_bad_row=skip to skip and count such rows)")
@@ -140,219 +131,6 @@ class LoadedData:
 
 
 # ---------------------------------------------------------------------------------------------
-# Field readers: raise _BadRow with the reason; the caller adds file and line.
-
-
-def _required(row: dict, key: str):
-    value = row.get(key)
-    if value is None:
-        raise _BadRow("missing_field", f"field '{key}' is missing or null")
-    return value
-
-
-def _type_name(value) -> str:
-    return type(value).__name__
-
-
-def _identifier(row: dict, key: str) -> str:
-    value = _required(row, key)
-    if isinstance(value, bool) or not isinstance(value, str | int):
-        raise _BadRow("wrong_type", f"field '{key}' is a {_type_name(value)}, expected a string")
-    value = str(value).strip()
-    if not value:
-        raise _BadRow("missing_field", f"field '{key}' is empty")
-    return value
-
-
-def _number(value, key: str, text_cells: bool = False) -> float:
-    """A finite number; ``text_cells`` (CSV) parses it from text, "" being a missing value."""
-    if text_cells:
-        if value == "":
-            raise _BadRow("missing_field", f"field '{key}' is empty")
-        try:
-            value = float(value)
-        except ValueError:
-            raise _BadRow("wrong_type", f"field '{key}'={value!r} is not a number") from None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise _BadRow("wrong_type", f"field '{key}' is a {_type_name(value)}, expected a number")
-    if not math.isfinite(value):
-        raise _BadRow("wrong_type", f"field '{key}'={value!r} is not a finite number")
-    return float(value)
-
-
-def parse_timestamp(value, key: str, fmt: str = "", text_cells: bool = False) -> int | None:
-    """Seconds since the epoch from a number, a numeric string, ISO 8601 text, or ``fmt``.
-
-    ``fmt`` (``data.timestamp_format``) is a ``datetime.strptime`` format, e.g. Twitter-style
-    ``"%a %b %d %H:%M:%S %z %Y"``; without one, text must be epoch seconds or ISO 8601 (e.g.
-    ``2017-07-30``, ``2017-07-30 07:44:10``, ``2017-07-30T07:44:10-07:00``). Times without a
-    zone are read as UTC. None or an empty cell means no timestamp.
-    """
-    if value is None or value == "":
-        return None
-    if isinstance(value, str):
-        text = value.strip()
-        try:
-            if fmt:
-                parsed = datetime.strptime(text, fmt)
-            elif _is_number(text):
-                value, text_cells = text, True
-                parsed = None
-            else:
-                parsed = datetime.fromisoformat(text)
-        except ValueError:
-            expected = (
-                f"data.timestamp_format={fmt!r}"
-                if fmt
-                else "epoch seconds or ISO 8601 (for other text set data.timestamp_format "
-                "to a strptime format, e.g. '%a %b %d %H:%M:%S %z %Y')"
-            )
-            raise _BadRow(
-                "wrong_type", f"field '{key}'={value!r} does not match {expected}"
-            ) from None
-        if parsed is not None:
-            if parsed.tzinfo is None:
-                parsed = parsed.replace(tzinfo=UTC)
-            return int(parsed.timestamp())
-    number = _number(value, key, text_cells)
-    if number != int(number):
-        raise _BadRow("wrong_type", f"field '{key}'={value!r} is not a whole number of seconds")
-    return int(number)
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
-def _string(value, key: str) -> str:
-    if not isinstance(value, str):
-        raise _BadRow("wrong_type", f"field '{key}' is a {_type_name(value)}, expected a string")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        # JSON "\ud800" escapes decode to lone surrogates that no tokenizer can encode.
-        raise _BadRow("invalid_utf8", f"field '{key}' holds a lone surrogate") from None
-    return value
-
-
-def _optional_string(row: dict, key: str) -> str:
-    value = row.get(key) if key else None
-    return "" if value is None else _string(value, key)
-
-
-def _check_target(text: str, key: str) -> None:
-    if not text.strip():
-        raise _BadRow("empty_text", f"field '{key}' is empty")
-
-
-def _features(value, key: str, separator: str | None) -> tuple[str, ...]:
-    if value is None or value == "":
-        return ()
-    if isinstance(value, str):
-        parts = value.split(separator) if separator else [value]
-    elif isinstance(value, list) and all(isinstance(v, str) for v in value):
-        parts = value
-    else:
-        raise _BadRow(
-            "wrong_type", f"field '{key}' is a {_type_name(value)}, expected strings or a string"
-        )
-    return tuple(p.strip() for p in parts if p.strip())
-
-
-# ---------------------------------------------------------------------------------------------
-# Row parsers: one dict (a parsed JSON line or CSV row) to a Review.
-
-
-def _amazon_row(row: dict, target_field: str, timestamp_format: str = "") -> Review:
-    review = Review(
-        user=_identifier(row, "reviewerID"),
-        item=_identifier(row, "asin"),
-        rating=_number(_required(row, "overall"), "overall"),
-        text=_string(_required(row, "reviewText"), "reviewText"),
-        summary=_optional_string(row, "summary"),
-        timestamp=parse_timestamp(row.get("unixReviewTime"), "unixReviewTime", timestamp_format),
-    )
-    if target_field == "summary":
-        _check_target(review.summary, "summary")
-    else:
-        _check_target(review.text, "reviewText")
-    return review
-
-
-def _yelp_row(row: dict, timestamp_format: str = "") -> Review:
-    # Yelp's "YYYY-MM-DD HH:MM:SS" is ISO 8601 with a space; read as UTC.
-    timestamp = parse_timestamp(row.get("date"), "date", timestamp_format)
-    review = Review(
-        user=_identifier(row, "user_id"),
-        item=_identifier(row, "business_id"),
-        rating=_number(_required(row, "stars"), "stars"),
-        text=_string(_required(row, "text"), "text"),
-        timestamp=timestamp,
-    )
-    _check_target(review.text, "text")
-    return review
-
-
-def _mapped_row(
-    row: dict, columns, target_field: str, text_cells: bool, timestamp_format: str = ""
-) -> Review:
-    """A row of named columns; ``text_cells``: CSV, where every cell is text."""
-    rating = None
-    if columns.rating:
-        rating = _number(_required(row, columns.rating), columns.rating, text_cells)
-    review = Review(
-        user=_identifier(row, columns.user),
-        item=_identifier(row, columns.item),
-        rating=rating,
-        text=_string(_required(row, columns.text), columns.text),
-        features=_features(
-            row.get(columns.features) if columns.features else None,
-            columns.features,
-            CSV_FEATURE_SEPARATOR if text_cells else None,
-        ),
-        timestamp=parse_timestamp(
-            row.get(columns.timestamp) if columns.timestamp else None,
-            columns.timestamp,
-            timestamp_format,
-            text_cells,
-        ),
-        summary=_optional_string(row, columns.summary),
-    )
-    if target_field == "summary":
-        _check_target(review.summary, columns.summary)
-    else:
-        _check_target(review.text, columns.text)
-    return review
-
-
-def _pepler_row(row) -> Review:
-    if not isinstance(row, dict):
-        raise _BadRow("wrong_type", f"record is a {_type_name(row)}, expected a dict")
-    template = _required(row, "template")
-    if not isinstance(template, tuple | list) or len(template) != 4:
-        raise _BadRow(
-            "wrong_type",
-            "field 'template' must be (feature, adjective, sentence, sentiment), "
-            f"got a {_type_name(template)}",
-        )
-    feature = _string(template[0], "template.feature")
-    sentence = _string(template[2], "template.sentence")
-    _check_target(sentence, "template.sentence")
-    return Review(
-        user=_identifier(row, "user"),
-        item=_identifier(row, "item"),
-        rating=_number(_required(row, "rating"), "rating"),
-        text=sentence,
-        features=(feature.strip(),) if feature.strip() else (),
-        sentence=sentence,
-    )
-
-
-# ---------------------------------------------------------------------------------------------
 # File readers.
 
 
@@ -371,7 +149,7 @@ def _open_binary(path: Path) -> BinaryIO:
     return gzip.open(path, "rb") if compressed else path.open("rb")
 
 
-def _json_lines(path: Path) -> Iterator[tuple[int, dict | _BadRow]]:
+def _json_lines(path: Path) -> Iterator[tuple[int, dict | BadRow]]:
     """(line number, parsed object or the problem) for each non-blank line."""
     with _open_binary(path) as file:
         lines = enumerate(file, start=1)
@@ -388,16 +166,16 @@ def _json_lines(path: Path) -> Iterator[tuple[int, dict | _BadRow]]:
             try:
                 row = json.loads(line.decode("utf-8"))
             except UnicodeDecodeError as error:
-                yield number, _BadRow("invalid_utf8", f"byte {error.start}: {error.reason}")
+                yield number, BadRow("invalid_utf8", f"byte {error.start}: {error.reason}")
             except json.JSONDecodeError as error:
-                yield number, _BadRow("invalid_json", str(error))
+                yield number, BadRow("invalid_json", str(error))
             else:
                 if isinstance(row, dict):
                     yield number, row
                 else:
                     yield (
                         number,
-                        _BadRow("invalid_json", f"expected an object, got a {_type_name(row)}"),
+                        BadRow("invalid_json", f"expected an object, got a {type_name(row)}"),
                     )
 
 
@@ -406,7 +184,7 @@ def _has_undecodable(cell: str) -> bool:
     return any("\udc80" <= char <= "\udcff" for char in cell)
 
 
-def _csv_rows(path: Path, columns) -> Iterator[tuple[int, dict | _BadRow]]:
+def _csv_rows(path: Path, columns) -> Iterator[tuple[int, dict | BadRow]]:
     """(first line number, {header: cell} or the problem) for each CSV row after the header."""
     with _open_binary(path) as binary:
         reader = csv.reader(
@@ -431,16 +209,16 @@ def _csv_rows(path: Path, columns) -> Iterator[tuple[int, dict | _BadRow]]:
                 raise _damaged(path, previous_end, error) from None
             except csv.Error as error:  # e.g. a cell over the csv module's size limit
                 start, previous_end = previous_end + 1, reader.line_num
-                yield start, _BadRow("malformed_row", str(error))
+                yield start, BadRow("malformed_row", str(error))
                 continue
             start, previous_end = previous_end + 1, reader.line_num
             if not cells:
                 continue
             if any(_has_undecodable(cell) for cell in cells):
-                yield start, _BadRow("invalid_utf8", "the row holds bytes that are not UTF-8")
+                yield start, BadRow("invalid_utf8", "the row holds bytes that are not UTF-8")
             elif len(cells) != len(header):
                 problem = f"{len(cells)} cells but the header has {len(header)}"
-                yield start, _BadRow("malformed_row", problem)
+                yield start, BadRow("malformed_row", problem)
             else:
                 yield start, dict(zip(header, cells, strict=True))
 
@@ -450,10 +228,10 @@ def _parse_rows(rows, path: Path, parse, report: BadRowReport) -> list[Review]:
     for number, row in rows:
         report.rows_read += 1
         try:
-            if isinstance(row, _BadRow):
+            if isinstance(row, BadRow):
                 raise row
             records.append(parse(row))
-        except _BadRow as problem:
+        except BadRow as problem:
             report.bad_row(f"{path}:{number}", problem)
     if report.rows_read > read_before and not records:
         raise BadRowError(f"{path}: every row is bad, nothing to train on; {report.summary()}")
@@ -482,13 +260,13 @@ def _load_pepler(cfg, report: BadRowReport) -> LoadedData:
     _check_file(path)
     rows = restricted_load(path)
     if not isinstance(rows, list):
-        raise ValueError(f"{path}: expected a list of review dicts, got a {_type_name(rows)}")
+        raise ValueError(f"{path}: expected a list of review dicts, got a {type_name(rows)}")
     records, kept_at = [], {}
     for position, row in enumerate(rows):
         report.rows_read += 1
         try:
-            review = _pepler_row(row)
-        except _BadRow as problem:
+            review = pepler_row(row)
+        except BadRow as problem:
             report.bad_row(f"{path}: record {position}", problem)
             continue
         kept_at[position] = len(records)
@@ -522,17 +300,17 @@ def load_records(cfg: ml_collections.ConfigDict) -> LoadedData:
     path = Path(cfg.path)
     fmt = cfg.timestamp_format
     parse = {
-        "amazon": partial(_amazon_row, target_field=target_field, timestamp_format=fmt),
-        "yelp": partial(_yelp_row, timestamp_format=fmt),
+        "amazon": partial(amazon_row, target_field=target_field, timestamp_format=fmt),
+        "yelp": partial(yelp_row, timestamp_format=fmt),
         "jsonl": partial(
-            _mapped_row,
+            mapped_row,
             columns=cfg.columns,
             target_field=target_field,
             text_cells=False,
             timestamp_format=fmt,
         ),
         "csv": partial(
-            _mapped_row,
+            mapped_row,
             columns=cfg.columns,
             target_field=target_field,
             text_cells=True,
