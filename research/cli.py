@@ -11,7 +11,7 @@
   research config   --config experiments/configs/NAME.py [--config.x=y ...]   (or --workdir DIR)
   research data stats --config experiments/configs/NAME.py
   research params   --config experiments/configs/NAME.py
-  research bench    [--only NAME] [--json FILE [--append]] [--smoke]
+  research bench    [--only NAME] [--weights-dtype DTYPE] [--json FILE [--append]] [--smoke]
   research demo     [--workdir DIR]
 
 Each command's heavy imports happen inside it, so ``research --help`` answers at once.
@@ -127,6 +127,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write JSON lines here (replacing the file's)")
     p.add_argument("--append", action="store_true", help="add to the --json file's lines")
     p.add_argument("--smoke", action="store_true", help="tiny shapes: checks it runs, fast")
+    p.add_argument(
+        "--weights-dtype",
+        action="append",
+        help="generate rows only with these decoding weights (repeatable; default: all)",
+    )
 
     p = sub.add_parser("demo", help="the README's main job on the synthetic corpus")
     p.add_argument("--workdir", default="runs/demo")
@@ -271,7 +276,13 @@ def _dispatch(args, overrides, argv) -> int | None:
     elif args.command == "bench":
         from research.bench.run import run_bench
 
-        run_bench(only=args.only, json_path=args.json, smoke=args.smoke, append=args.append)
+        run_bench(
+            only=args.only,
+            json_path=args.json,
+            smoke=args.smoke,
+            append=args.append,
+            weights_dtypes=args.weights_dtype,
+        )
     elif args.command == "demo":
         from research.demo import run_demo
 

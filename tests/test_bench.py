@@ -219,7 +219,7 @@ def test_unknown_measurement_is_rejected_with_the_valid_names():
 class _FakeRun:
     """A run without measuring: its peak only counts the samples taken."""
 
-    def __init__(self, setup):
+    def __init__(self, setup, weights_dtypes):
         self.setup, self.samples = setup, 0
 
     def sample_peak(self):
@@ -260,6 +260,18 @@ def test_json_is_replaced_or_appended_to_with_the_final_mfu(monkeypatch, tmp_pat
         assert [(line["case"], line["samples"]) for line in lines()] == [("call 2", 2)]
     with pytest.raises(ConfigError, match="--append adds to a --json FILE"):
         run_bench(only=["train_lm"], smoke=True, append=True)
+
+
+def test_weights_dtype_limits_the_generate_rows(tmp_path):
+    """``--weights-dtype float32``: only the float32 generate rows, one per batch size (on a
+    CPU without bfloat16 kernels PyTorch's bfloat16 reference alone takes half an hour)."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        rows = run_bench(only=["generate"], smoke=True, weights_dtypes=["float32"])
+    assert [row["weights_dtype"] for row in rows] == ["float32"] * len(
+        make_setup("smoke").generate_batches
+    )
+    with pytest.raises(ConfigError, match=r"valid dtypes are \['float32', 'bfloat16'\]"):
+        run_bench(only=["generate"], smoke=True, weights_dtypes=["float16"])
 
 
 @pytest.mark.parametrize("decoder", ["gpt2", "llama"])

@@ -47,8 +47,9 @@ MEASUREMENTS = (
 class Run:
     """One benchmark run: its setup, and what several measurements share (computed once)."""
 
-    def __init__(self, setup: Setup):
+    def __init__(self, setup: Setup, weights_dtypes: tuple[str, ...] = tuple(WEIGHTS_DTYPES)):
         self.setup = setup
+        self.weights_dtypes = weights_dtypes  # the generate rows' decoding weights
         self.device = jax.devices()[0]
         self.reference_device = reference.device_for(self.device.platform)
         # What a child process is told of the setup: ours reads its name, the reference
@@ -296,7 +297,7 @@ def measure_generate(run: Run, name: str = "generate", s: Setup | None = None) -
     params = ours.params_from_reference(torch_model, s)
     model = ours.lm_model(s, decoding=True)
     rows = []
-    for weights_dtype in WEIGHTS_DTYPES:
+    for weights_dtype in run.weights_dtypes:
         weights, prepare_seconds = ours.decoding_weights(model, params, weights_dtype)
         theirs = reference.with_weights_dtype(torch_model, weights_dtype)
         details = {"weights_dtype": weights_dtype, "prepare_weights_s": prepare_seconds}

@@ -19,11 +19,14 @@ def run_bench(
     json_path: str | None = None,
     smoke: bool = False,
     append: bool = False,
+    weights_dtypes: list[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Run the measurements (all, or ``only`` these), write JSON lines to ``json_path`` (after
     the lines it holds if ``append``, else replacing them), print the Markdown table; returns
-    the rows."""
+    the rows. ``weights_dtypes`` limits the generate rows to those decoding weights (default:
+    every one of ``sampling.weights_dtype``'s choices)."""
     from research.config import ConfigError
+    from research.models.decode_weights import WEIGHTS_DTYPES
 
     names = list(only) if only else list(MEASUREMENTS)
     unknown = [n for n in names if n not in MEASUREMENTS]
@@ -33,13 +36,19 @@ def run_bench(
         )
     if append and not json_path:
         raise ConfigError("bench --append adds to a --json FILE: give one")
+    weights_dtypes = tuple(dict.fromkeys(weights_dtypes or WEIGHTS_DTYPES))
+    unknown = [d for d in weights_dtypes if d not in WEIGHTS_DTYPES]
+    if unknown:
+        raise ConfigError(
+            f"bench --weights-dtype {unknown[0]!r}: valid dtypes are {list(WEIGHTS_DTYPES)}"
+        )
     import transformers
 
     transformers.logging.set_verbosity_error()
     # On a GPU the compile/memory children need device memory too: no process grabs 75% of it
     # up front (this works when nothing has started JAX's backend yet, as under the CLI).
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-    run = Run(make_setup(default_setup_name(smoke)))
+    run = Run(make_setup(default_setup_name(smoke)), weights_dtypes)
     # Rows stream in as they finish (with append, after the file's lines).
     out = open(json_path, "a" if append else "w") if json_path else None  # noqa: SIM115
     start_offset = out.tell() if out is not None else 0  # where this run's lines begin
