@@ -125,15 +125,31 @@ def default_setup_name(smoke: bool) -> str:
 # --- The machine ----------------------------------------------------------------------------
 
 
-def _cpu_model() -> str:
+# The CPU features that decide which matrix kernels either side can use (ratios differ between
+# CPUs with and without them: experiments/bench/README.md); the JSON lines carry those present.
+MATRIX_FEATURES = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+
+
+def parse_cpuinfo(text: str) -> tuple[str | None, list[str]]:
+    """``/proc/cpuinfo``'s text -> (the first CPU's model name, its MATRIX_FEATURES present)."""
+    model, flags = None, set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "model name" and model is None:
+            model = value.strip()
+        elif key == "flags" and not flags:
+            flags = set(value.split())
+    return model, [name for name in MATRIX_FEATURES if name in flags]
+
+
+def _cpu() -> tuple[str, list[str]]:
     try:
         with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+            model, features = parse_cpuinfo(f.read())
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        model, features = None, []
+    return model or platform.processor() or platform.machine(), features
 
 
 def _version(module: str) -> str | None:
@@ -147,10 +163,12 @@ def _version(module: str) -> str | None:
 def environment() -> dict[str, Any]:
     """Machine, accelerator and library versions: the fields every JSON line carries."""
     device = jax.devices()[0]
+    cpu, features = _cpu()
     return {
         "machine": {
             "node": platform.node(),
-            "cpu": _cpu_model(),
+            "cpu": cpu,
+            "cpu_features": features,
             "cores": os.cpu_count(),
             "usable_cores": len(os.sched_getaffinity(0)),
             "system": platform.platform(),

@@ -62,8 +62,10 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         return "(no measurements)"
     first = rows[0]
     machine, device, versions = first["machine"], first["device"], first["versions"]
+    features = ", ".join(machine.get("cpu_features") or [])  # absent in older JSON lines
+    cpu = f"{machine['cpu']} ({features})" if features else machine["cpu"]
     lines = [
-        f"{first['date']}, setup `{first['setup']}` ({first['dtype']}), {machine['cpu']}, "
+        f"{first['date']}, setup `{first['setup']}` ({first['dtype']}), {cpu}, "
         f"{machine['usable_cores']} cores, {device['count']} x {device['kind']} "
         f"({device['platform']}); jax {versions['jax']}, torch {versions['torch']}, "
         f"transformers {versions['transformers']}",
