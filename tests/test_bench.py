@@ -30,7 +30,6 @@ from research.bench.common import (
     lm_train_flops_per_token,
     make_setup,
     matmul_flops,
-    parse_cpuinfo,
 )
 from research.bench.report import _value
 from research.config import ConfigError
@@ -262,19 +261,6 @@ def test_json_is_replaced_or_appended_to_with_the_final_mfu(monkeypatch, tmp_pat
         assert [(line["case"], line["samples"]) for line in lines()] == [("call 2", 2)]
     with pytest.raises(ConfigError, match="--append adds to a --json FILE"):
         run_bench(only=["train_lm"], smoke=True, append=True)
-
-
-def test_cpuinfo_gives_the_model_and_the_matrix_features_present():
-    """Two processors' /proc/cpuinfo (abridged): an AVX2-only EPYC (Zen 3) and one with
-    AVX-512 and bfloat16 arithmetic (Zen 4); the first processor's lines count."""
-    zen3 = "flags\t\t: fpu sse2 avx fma avx2 bmi2 sha_ni vaes\n"
-    zen4 = "flags\t\t: fpu avx2 fma avx512f avx512_vnni avx512_bf16 avx512_fp16x\n"
-    text = "processor\t: 0\nmodel name\t: AMD EPYC 7B13\n" + zen3
-    text += "processor\t: 1\nmodel name\t: other\n" + zen4
-    assert parse_cpuinfo(text) == ("AMD EPYC 7B13", ["avx2", "fma"])
-    features = ["avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16"]
-    assert parse_cpuinfo("model name : AMD EPYC\n" + zen4) == ("AMD EPYC", features)
-    assert parse_cpuinfo("") == (None, [])
 
 
 def test_weights_dtype_limits_the_generate_rows(tmp_path):

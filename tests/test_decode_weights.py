@@ -8,18 +8,21 @@
 * bfloat16: the stated agreement with the float32 path (below).
 * The output-major product against numpy's, for each row count it treats differently, in
   float32 and bfloat16; the bfloat16 token lookup in a decoding loop against the table's rows.
+* The warning that bfloat16 weights decode slower on a CPU without bfloat16 arithmetic, from
+  /proc/cpuinfo's flags (research/cpu.py).
 """
 
 from __future__ import annotations
 
 import functools
+import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from research import sampling
+from research import cpu, sampling
 from research.models import decode_weights, precision
 from research.models import lora as lora_lib
 from research.models.bert import BertConfig
@@ -188,3 +191,40 @@ def test_out_major_product_is_the_plain_product_for_every_row_count(lead, dtype,
     rounded = np.asarray(jnp.asarray(x, dtype).astype(jnp.float32))
     expected = rounded @ np.asarray(weight.astype(jnp.float32)).T
     np.testing.assert_allclose(np.asarray(y), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_cpuinfo_gives_the_model_and_the_matrix_features_present():
+    """Two processors' /proc/cpuinfo (abridged): an AVX2-only EPYC (Zen 3) and one with
+    AVX-512 and bfloat16 arithmetic (Zen 4); the first processor's lines count. Without an x86
+    ``flags`` line (another architecture) the features are unknown, not empty."""
+    zen3 = "flags\t\t: fpu sse2 avx fma avx2 bmi2 sha_ni vaes\n"
+    zen4 = "flags\t\t: fpu avx2 fma avx512f avx512_vnni avx512_bf16 avx512_fp16x\n"
+    text = "processor\t: 0\nmodel name\t: AMD EPYC 7B13\n" + zen3
+    text += "processor\t: 1\nmodel name\t: other\n" + zen4
+    assert cpu.parse_cpuinfo(text) == ("AMD EPYC 7B13", ["avx2", "fma"])
+    features = ["avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16"]
+    assert cpu.parse_cpuinfo("model name : AMD EPYC\n" + zen4) == ("AMD EPYC", features)
+    assert cpu.parse_cpuinfo("Features\t: fp asimd bf16\n") == (None, None)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "features", "warns"),
+    [
+        ("bfloat16", ["avx2", "fma"], True),
+        ("bfloat16", ["avx2", "fma", "avx512f", "avx512_bf16"], False),
+        ("bfloat16", ["avx2", "amx_bf16"], False),
+        ("bfloat16", None, False),  # unknown CPU: no claim
+        ("float32", ["avx2", "fma"], False),
+    ],
+)
+def test_bfloat16_weights_warn_only_on_a_cpu_without_bfloat16_arithmetic(
+    monkeypatch, dtype, features, warns
+):
+    monkeypatch.setattr(cpu, "host_cpu", lambda: ("some CPU", features))
+    params = {"decoder": {"layer": {"kernel": jnp.ones((3, 2))}}}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        prepared = decode_weights.prepare(params, dtype=dtype)
+    slow = [w for w in caught if "without bfloat16 arithmetic" in str(w.message)]
+    assert len(slow) == (1 if warns else 0)
+    assert prepared.params["decoder"]["layer"]["kernel"].shape == (2, 3)

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from research import assets
+from research.cpu import host_cpu
 from research.models import families
 from research.models.bert import BertConfig
 from research.models.gpt2 import GPT2Config
@@ -125,33 +126,6 @@ def default_setup_name(smoke: bool) -> str:
 # --- The machine ----------------------------------------------------------------------------
 
 
-# The CPU features that decide which matrix kernels either side can use (ratios differ between
-# CPUs with and without them: experiments/bench/README.md); the JSON lines carry those present.
-MATRIX_FEATURES = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
-
-
-def parse_cpuinfo(text: str) -> tuple[str | None, list[str]]:
-    """``/proc/cpuinfo``'s text -> (the first CPU's model name, its MATRIX_FEATURES present)."""
-    model, flags = None, set()
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        key = key.strip()
-        if key == "model name" and model is None:
-            model = value.strip()
-        elif key == "flags" and not flags:
-            flags = set(value.split())
-    return model, [name for name in MATRIX_FEATURES if name in flags]
-
-
-def _cpu() -> tuple[str, list[str]]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            model, features = parse_cpuinfo(f.read())
-    except OSError:
-        model, features = None, []
-    return model or platform.processor() or platform.machine(), features
-
-
 def _version(module: str) -> str | None:
     try:
         return __import__(module).__version__
@@ -163,12 +137,12 @@ def _version(module: str) -> str | None:
 def environment() -> dict[str, Any]:
     """Machine, accelerator and library versions: the fields every JSON line carries."""
     device = jax.devices()[0]
-    cpu, features = _cpu()
+    cpu, features = host_cpu()
     return {
         "machine": {
             "node": platform.node(),
             "cpu": cpu,
-            "cpu_features": features,
+            "cpu_features": features or [],
             "cores": os.cpu_count(),
             "usable_cores": len(os.sched_getaffinity(0)),
             "system": platform.platform(),

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -31,6 +32,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from research import cpu
 from research.models import lora as lora_lib
 from research.models.precision import out_major_product
 
@@ -58,6 +60,14 @@ def prepare(
     """
     if dtype not in WEIGHTS_DTYPES:
         raise ValueError(f"sampling.weights_dtype={dtype!r}: choose one of {list(WEIGHTS_DTYPES)}")
+    if dtype == "bfloat16" and jax.default_backend() == "cpu" and cpu.lacks_bfloat16_arithmetic():
+        warnings.warn(
+            "sampling.weights_dtype='bfloat16' on a CPU without bfloat16 arithmetic (no "
+            f"{' or '.join(cpu.BFLOAT16_ARITHMETIC)} in /proc/cpuinfo): XLA's bfloat16 products "
+            "are slower than float32 here, so decoding is too; float32 weights decode faster "
+            "(experiments/bench/README.md)",
+            stacklevel=2,
+        )
     decoder = params["decoder"]
     if lora_lib.has_adapters(decoder):
         decoder = lora_lib.merge(decoder, lora)
