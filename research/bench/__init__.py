@@ -32,9 +32,10 @@ Setups: ``cpu`` (float32, GPT-2 124M, batch 8 x 128), ``gpu`` (chosen when JAX's
 is a GPU: bfloat16, cuDNN attention, batch 16 x 1024) and ``smoke`` (``--smoke``: a tiny GPT-2
 and BERT, a few seconds; the test suite runs it).
 
-Modules: :mod:`.measure` (the measurements), :mod:`.report` (targets, table), :mod:`.run`
-(``run_bench``), :mod:`.ours` and :mod:`.reference` (the two sides: only the reference side
-imports torch, and it imports no JAX), :mod:`.batches` (their inputs, numpy only),
+Modules: :mod:`.measure` (the measurements), :mod:`.run_state` (what they share: the peak,
+the child processes), :mod:`.report` (targets, table), :mod:`.run` (``run_bench``),
+:mod:`.ours` and :mod:`.reference` (the two sides: only the reference side imports torch, and
+it imports no JAX), :mod:`.batches` (their inputs, numpy only),
 ``__main__`` (the fresh-process children of ``compile`` and ``memory``). Importing this
 package loads neither side, so each child has only its own framework in memory.
 """

@@ -10,8 +10,9 @@ import time
 from typing import Any
 
 from research.bench.common import default_setup_name, environment, make_setup, now
-from research.bench.measure import MEASURE, MEASUREMENTS, Run, final_mfu
+from research.bench.measure import MEASURE, MEASUREMENTS, final_mfu
 from research.bench.report import markdown_table, target_for
+from research.bench.run_state import Run
 
 
 def run_bench(

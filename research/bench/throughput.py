@@ -320,7 +320,7 @@ def _environment(**values: str):
 def measure_warm_compile(run) -> list[dict[str, Any]]:
     """Two identical fresh processes share a new persistent cache; the second's first step
     (next to PyTorch's first call, which compiles nothing)."""
-    from research.bench.measure import _run_children
+    from research.bench.run_state import run_children
 
     theirs = run.child("reference", "train") if run.reference_device is not None else None
     ref_s = theirs["first_result_s"] if theirs else None
@@ -330,8 +330,8 @@ def measure_warm_compile(run) -> list[dict[str, Any]]:
             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
         }
         with _environment(**env):
-            cold = _run_children([("ours", ("train",))], {"ours": run.setup.name})["ours", "train"]
-            warm = _run_children([("ours", ("train",))], {"ours": run.setup.name})["ours", "train"]
+            cold = run_children([("ours", ("train",))], {"ours": run.setup.name})["ours", "train"]
+            warm = run_children([("ours", ("train",))], {"ours": run.setup.name})["ours", "train"]
     return [
         {
             "measurement": "compile",
