@@ -178,9 +178,13 @@ def test_one_device_trains_as_four():
     one, loss_one = _train(spec, params, ("lora",), devices=1)
     four, loss_four = _train(spec, params, ("lora",), devices=4)
     np.testing.assert_allclose(loss_four, loss_one, rtol=1e-5)
+    # Adam moves each parameter by about the learning rate (0.05) whatever its gradient's size,
+    # so a gradient summed in another order (one device's rows vs four devices' all-reduce)
+    # moves it by up to lr x the gradient's relative rounding error: up to 1.03e-5 on an
+    # AVX2-only AMD EPYC (Zen 3), under 1e-5 on the AVX-512 VMs. Tolerance: lr x 1e-3.
     for path, value in traverse_util.flatten_dict(one).items():
         np.testing.assert_allclose(
-            traverse_util.flatten_dict(four)[path], value, atol=1e-5, err_msg=str(path)
+            traverse_util.flatten_dict(four)[path], value, atol=5e-5, err_msg=str(path)
         )
 
 
