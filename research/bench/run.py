@@ -29,20 +29,17 @@ def run_bench(
     from research.config import ConfigError
     from research.models.decode_weights import WEIGHTS_DTYPES
 
+    def check_choices(flag: str, given, valid, what: str) -> None:
+        unknown = [x for x in given if x not in valid]
+        if unknown:
+            raise ConfigError(f"bench {flag} {unknown[0]!r}: valid {what} are {list(valid)}")
+
     names = list(only) if only else list(MEASUREMENTS)
-    unknown = [n for n in names if n not in MEASUREMENTS]
-    if unknown:
-        raise ConfigError(
-            f"bench --only {unknown[0]!r}: valid measurements are {list(MEASUREMENTS)}"
-        )
+    check_choices("--only", names, MEASUREMENTS, "measurements")
     if append and not json_path:
         raise ConfigError("bench --append adds to a --json FILE: give one")
     weights_dtypes = tuple(dict.fromkeys(weights_dtypes or WEIGHTS_DTYPES))
-    unknown = [d for d in weights_dtypes if d not in WEIGHTS_DTYPES]
-    if unknown:
-        raise ConfigError(
-            f"bench --weights-dtype {unknown[0]!r}: valid dtypes are {list(WEIGHTS_DTYPES)}"
-        )
+    check_choices("--weights-dtype", weights_dtypes, WEIGHTS_DTYPES, "dtypes")
     import transformers
 
     transformers.logging.set_verbosity_error()

@@ -17,13 +17,12 @@ import numpy as np
 
 from research.bench import reference
 from research.bench.common import Setup, card_peak_flops, interleaved
-from research.models.decode_weights import WEIGHTS_DTYPES
 
 
 class Run:
     """One benchmark run: its setup, and what several measurements share (computed once)."""
 
-    def __init__(self, setup: Setup, weights_dtypes: tuple[str, ...] = tuple(WEIGHTS_DTYPES)):
+    def __init__(self, setup: Setup, weights_dtypes: tuple[str, ...]):
         self.setup = setup
         self.weights_dtypes = weights_dtypes  # the generate rows' decoding weights
         self.device = jax.devices()[0]
